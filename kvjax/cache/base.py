@@ -1,0 +1,129 @@
+"""The one cache interface that every compression method implements.
+
+A *method* is a frozen, hashable dataclass of settings (a static jit argument). Its learned parameters
+(if any) are a separate pytree passed beside the model parameters. Per-sequence state lives in a
+:class:`Cache`, an immutable pytree returned from every step.
+
+The model talks to a method through two calls per layer and never looks inside the cache::
+
+    cache = method.write(mparams, cfg, cache, layer, k, v, positions)   # k before RoPE
+    out   = method.attend(mparams, cfg, cache, layer, q, positions)     # q after RoPE
+
+``write`` receives keys *before* RoPE so that a method may store pre-RoPE keys (more compressible)
+and rotate them when they are read; :meth:`CacheMethod.rotate_keys` is the helper for that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from kvjax.config import ModelConfig
+from kvjax.models.layers import attention, rope
+
+Params = Any  # a method's learned parameters (pytree) or None
+
+
+@struct.dataclass
+class Cache:
+    """Immutable KV cache: per-layer method state plus per-sequence lengths.
+
+    layers:  tuple with one pytree per layer, laid out by the method.
+    lengths: [B] int32, tokens already stored for each sequence (the next token's position).
+    max_len: static number of token slots.
+    """
+
+    layers: tuple
+    lengths: jax.Array
+    max_len: int = struct.field(pytree_node=False)
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Physical bytes of the stored K/V state (all layers; the lengths vector is not counted)."""
+        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.layers)))
+
+    def set_layer(self, layer: int, state) -> "Cache":
+        layers = list(self.layers)
+        layers[layer] = state
+        return self.replace(layers=tuple(layers))
+
+
+def write_at(buf, new, starts):
+    """Writes ``new`` [B, T, ...] into ``buf`` [B, S, ...] at per-sequence slot offsets ``starts`` [B]."""
+    def one(b, n, s):
+        return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (s,) + (0,) * (b.ndim - 1))
+
+    return jax.vmap(one)(buf, new, starts)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMethod:
+    """Base class: settings only. Subclasses override ``init_layer``, ``write_layer``, ``read_layer``
+    and ``layer_bytes_per_token``; methods that attend differently (eviction, fused kernels) override
+    ``attend``."""
+
+    name: ClassVar[str] = "base"
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def init(self, cfg: ModelConfig, batch: int, max_len: int, params: Params = None) -> Cache:
+        """Returns an empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f"cache batch and max_len must be positive, got batch={batch}, max_len={max_len}")
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        self.validate(cfg, params)
+        layers = tuple(self.init_layer(cfg, layer, batch, max_len) for layer in range(cfg.n_layers))
+        return Cache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32), max_len=max_len)
+
+    def validate(self, cfg: ModelConfig, params: Params) -> None:
+        """Raises a clear error when the settings or params do not fit ``cfg``."""
+
+    # --- per-layer hooks (override) ---------------------------------------------------------------
+    def init_layer(self, cfg: ModelConfig, layer: int, batch: int, max_len: int):
+        raise NotImplementedError
+
+    def write_layer(self, params: Params, cfg: ModelConfig, state, layer: int, k, v, positions, starts):
+        """Returns the layer's new state after storing k, v: [B, T, K, D] (k before RoPE)."""
+        raise NotImplementedError
+
+    def read_layer(self, params: Params, cfg: ModelConfig, cache: Cache, layer: int):
+        """Returns (k, v): [B, S, K, D], k after RoPE, in a float dtype attention can use."""
+        raise NotImplementedError
+
+    def layer_bytes_per_token(self, cfg: ModelConfig, layer: int) -> int:
+        raise NotImplementedError
+
+    # --- the interface the model calls ------------------------------------------------------------
+    def write(self, params: Params, cfg: ModelConfig, cache: Cache, layer: int, k, v, positions) -> Cache:
+        """Stores new K/V of ``layer``. k, v: [B, T, K, D] (k before RoPE); positions: [B, T]."""
+        state = self.write_layer(params, cfg, cache.layers[layer], layer, k, v, positions, positions[:, 0])
+        return cache.set_layer(layer, state)
+
+    def attend(self, params: Params, cfg: ModelConfig, cache: Cache, layer: int, q, positions):
+        """Attention of q: [B, T, H, D] (after RoPE) over what ``layer`` has stored. Returns [B, T, H, D]."""
+        k, v = self.read_layer(params, cfg, cache, layer)
+        return attention(q, k.astype(q.dtype), v.astype(q.dtype), positions)
+
+    # --- accounting -------------------------------------------------------------------------------
+    def bytes_per_token(self, cfg: ModelConfig) -> int:
+        """Bytes stored per token over all layers; ``cache.nbytes == bytes_per_token * B * max_len``."""
+        return sum(self.layer_bytes_per_token(cfg, layer) for layer in range(cfg.n_layers))
+
+    @staticmethod
+    def rotate_keys(cfg: ModelConfig, k, positions):
+        """Applies the model's positional rotation to keys (identity for GPT-2)."""
+        return rope(k, positions, cfg.rope_theta) if cfg.uses_rope else k
+
+    @staticmethod
+    def slot_positions(batch: int, max_len: int):
+        """[B, S] positions of the cache slots (slot s holds position s)."""
+        return jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
