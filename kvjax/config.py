@@ -95,9 +95,13 @@ class ModelConfig:
                 max_seq_len=int(need("n_positions")), norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
                 tie_embeddings=True, bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids, name=name,
             )
-        if model_type in ("llama", "mistral", "qwen2") or any("Llama" in a for a in archs):
-            if hf.get("rope_scaling"):
-                raise ConfigError(f"{source}: rope_scaling {hf['rope_scaling']!r} is not supported yet")
+        if model_type in ("llama", "mistral") or any("Llama" in a for a in archs):
+            rope_params = hf.get("rope_parameters") or {}
+            if hf.get("rope_scaling") or rope_params.get("rope_type", "default") != "default":
+                raise ConfigError(f"{source}: scaled RoPE ({hf.get('rope_scaling') or rope_params!r}) is not supported yet")
+            if hf.get("sliding_window"):
+                raise ConfigError(f"{source}: sliding-window attention (sliding_window={hf['sliding_window']}) "
+                                  f"is not supported")
             if hf.get("attention_bias") or hf.get("mlp_bias"):
                 raise ConfigError(f"{source}: attention/MLP biases are not supported for llama models")
             e, h = int(need("hidden_size")), int(need("num_attention_heads"))

@@ -64,4 +64,5 @@ def _parse_value(value: str):
 
 def _load_builtin():
     # Importing the modules registers their methods.
+    import kvjax.cache.autoencoder  # noqa: F401
     import kvjax.cache.dense  # noqa: F401

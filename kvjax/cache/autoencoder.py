@@ -1,0 +1,135 @@
+"""KV-CAR compressed cache: chosen layers store per-token autoencoder latents instead of K and V.
+
+A compressed layer's state is ``{"k": [B, S, L], "v": [B, S, L]}`` in ``latent_dtype`` (for int8 also
+``k_scale``, ``k_min``, ``v_scale``, ``v_min``: [B, S] float16). New K/V are encoded once when written;
+attention reads decoded K/V. Other layers are stored densely. Keys are compressed *before* RoPE by
+default (``pre_rope``) and rotated after decoding: pre-RoPE keys of a head share one subspace at every
+position, while RoPE spreads them over position-dependent rotations that a fixed linear map cannot
+follow (measured in results/autoencoder: see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from kvjax.cache.base import CacheMethod, write_at
+from kvjax.cache.registry import register
+from kvjax.compressors.autoencoder import apply_coder, dequantize_int8, quantize_int8
+
+LATENT_DTYPES = ("", "float32", "bfloat16", "float16", "int8")
+
+
+@register("autoencoder")
+@dataclasses.dataclass(frozen=True)
+class Autoencoder(CacheMethod):
+    """Settings. ``latent`` 0 means half of K*D; ``hidden`` 0 means the linear variant; ``layers`` () means
+    every layer; ``latent_dtype`` "" means ``dtype``."""
+
+    name = "autoencoder"
+    latent: int = 0
+    hidden: int = 0
+    layers: tuple = ()
+    latent_dtype: str = ""
+    pre_rope: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise ValueError(f"autoencoder latent_dtype={self.latent_dtype!r}; choose from {LATENT_DTYPES[1:]}")
+        if isinstance(self.layers, int):  # a single layer from the CLI parser
+            object.__setattr__(self, "layers", (self.layers,))
+
+    # ------------------------------------------------------------------ settings resolved against a model
+    def latent_dim(self, cfg) -> int:
+        return self.latent or cfg.kv_width // 2
+
+    def compressed_layers(self, cfg) -> tuple[int, ...]:
+        return tuple(self.layers) if self.layers else tuple(range(cfg.n_layers))
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.latent_dtype or self.dtype
+
+    def validate(self, cfg, params):
+        layers = self.compressed_layers(cfg)
+        bad = [l for l in layers if not 0 <= l < cfg.n_layers]
+        if bad:
+            raise ValueError(f"autoencoder layers {bad} out of range for a model with {cfg.n_layers} layers")
+        if not 0 < self.latent_dim(cfg) <= cfg.kv_width:
+            raise ValueError(f"autoencoder latent={self.latent} must be in [1, K*D={cfg.kv_width}]")
+        if params is None:
+            raise ValueError("the autoencoder method needs trained compressor parameters (mparams); "
+                             "train them with `python -m train.autoencoder` and load with kvjax.compressors.load_compressor")
+        for l in layers:
+            if str(l) not in params:
+                raise ValueError(f"compressor parameters have no autoencoder for layer {l} "
+                                 f"(they cover layers {sorted(int(k) for k in params)})")
+            p = params[str(l)]
+            w_in, w_lat = p["k_enc"][0]["w"].shape[0], p["k_enc"][-1]["w"].shape[1]
+            if w_in != cfg.kv_width or w_lat != self.latent_dim(cfg) or p["k_dec"][-1]["w"].shape[1] != cfg.kv_width:
+                raise ValueError(f"compressor for layer {l} maps {w_in} -> {w_lat}, but this model has K*D="
+                                 f"{cfg.kv_width} and the method asks for latent {self.latent_dim(cfg)}")
+
+    # ------------------------------------------------------------------ state
+    def init_layer(self, cfg, layer, batch, max_len):
+        if layer not in self.compressed_layers(cfg):
+            shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+            return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+        lat = (batch, max_len, self.latent_dim(cfg))
+        state = {"k": jnp.zeros(lat, self.storage_dtype), "v": jnp.zeros(lat, self.storage_dtype)}
+        if self.storage_dtype == "int8":
+            for name in ("k_scale", "k_min", "v_scale", "v_min"):
+                state[name] = jnp.zeros((batch, max_len), jnp.float16)
+        return state
+
+    def layer_bytes_per_token(self, cfg, layer):
+        if layer not in self.compressed_layers(cfg):
+            return 2 * cfg.kv_width * jnp.dtype(self.dtype).itemsize
+        per = self.latent_dim(cfg) * jnp.dtype(self.storage_dtype).itemsize
+        if self.storage_dtype == "int8":
+            per += 2 * 2  # float16 scale and minimum
+        return 2 * per
+
+    # ------------------------------------------------------------------ write / read
+    def write_layer(self, params, cfg, state, layer, k, v, positions, starts):
+        if layer not in self.compressed_layers(cfg):
+            k = self.rotate_keys(cfg, k, positions)
+            return {"k": write_at(state["k"], k, starts), "v": write_at(state["v"], v, starts)}
+        if not self.pre_rope:
+            k = self.rotate_keys(cfg, k, positions)
+        b, t = k.shape[:2]
+        p = params[str(layer)]
+        zk = apply_coder(p["k_enc"], k.reshape(b, t, -1))
+        zv = apply_coder(p["v_enc"], v.reshape(b, t, -1))
+        new = dict(state)
+        for name, z in (("k", zk), ("v", zv)):
+            if self.storage_dtype == "int8":
+                q, scale, zmin = quantize_int8(z)
+                new[name] = write_at(state[name], q, starts)
+                new[name + "_scale"] = write_at(state[name + "_scale"], scale, starts)
+                new[name + "_min"] = write_at(state[name + "_min"], zmin, starts)
+            else:
+                new[name] = write_at(state[name], z, starts)
+        return new
+
+    def latents(self, state):
+        """Dequantized latents (zk, zv): [B, S, L] float32."""
+        if self.storage_dtype == "int8":
+            return (dequantize_int8(state["k"], state["k_scale"], state["k_min"]),
+                    dequantize_int8(state["v"], state["v_scale"], state["v_min"]))
+        return state["k"].astype(jnp.float32), state["v"].astype(jnp.float32)
+
+    def read_layer(self, params, cfg, cache, layer):
+        state = cache.layers[layer]
+        if layer not in self.compressed_layers(cfg):
+            return state["k"], state["v"]
+        zk, zv = self.latents(state)
+        b, s = zk.shape[:2]
+        p = params[str(layer)]
+        k = apply_coder(p["k_dec"], zk).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+        v = apply_coder(p["v_dec"], zv).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+        if self.pre_rope:
+            k = self.rotate_keys(cfg, k, self.slot_positions(b, s))
+        return k, v

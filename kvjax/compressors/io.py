@@ -1,0 +1,112 @@
+"""Saving and loading trained compressors, with the identity of the model they were trained for.
+
+A compressor directory holds ``compressor.json`` (format, method settings, model identity, training
+record) and ``params/`` (an orbax checkpoint of the inference-form parameters). It is written into a
+temporary sibling and renamed into place, so a reader never sees a half-written compressor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+FORMAT = "kvjax-compressor/1"
+
+
+class CompressorError(ValueError):
+    """A compressor that cannot be used with this model, or a damaged compressor directory."""
+
+
+def model_identity(model) -> dict:
+    cfg = model.cfg
+    return {"name": cfg.name, "sha256": getattr(model, "sha256", ""), "arch": cfg.arch, "n_layers": cfg.n_layers,
+            "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "d_model": cfg.d_model}
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer()
+
+
+def save_compressor(path: str, method, mparams, model, training: dict | None = None, dtype="float32") -> str:
+    """Writes ``method`` settings, ``mparams`` (cast to ``dtype``) and the model identity to ``path``."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), mparams)
+        ck = _checkpointer()
+        ck.save(os.path.join(tmp, "params"), params)
+        ck.wait_until_finished()
+        meta = {"format": FORMAT, "method": {"name": method.name, "settings": _settings(method)},
+                "model": model_identity(model), "training": training or {}}
+        with open(os.path.join(tmp, "compressor.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        old = path + ".old"
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _settings(method) -> dict:
+    out = {}
+    for f in dataclasses.fields(method):
+        v = getattr(method, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def read_metadata(path: str) -> dict:
+    meta_path = os.path.join(path, "compressor.json")
+    if not os.path.isdir(path):
+        raise CompressorError(f"{path}: no such compressor directory")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CompressorError(f"{meta_path}: missing; {path} is not a kvjax compressor (or was not written whole)") from None
+    except json.JSONDecodeError as e:
+        raise CompressorError(f"{meta_path}: corrupt JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CompressorError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_compressor(path: str, model, dtype: str | None = None, check_hash: bool = True):
+    """Returns (method, mparams) for ``model`` (a LoadedModel); a compressor trained for another model
+    (layer count, dims, or weights hash) is refused with a clear error."""
+    from kvjax.cache.registry import get_method
+
+    meta = read_metadata(path)
+    want, have = meta["model"], model_identity(model)
+    for key in ("arch", "n_layers", "n_kv_heads", "head_dim", "d_model"):
+        if want.get(key) != have[key]:
+            raise CompressorError(f"{path}: trained for a model with {key}={want.get(key)}, "
+                                  f"but this model has {key}={have[key]} ({model.cfg.name or model.source})")
+    if check_hash and want.get("sha256") and have["sha256"] and want["sha256"] != have["sha256"]:
+        raise CompressorError(f"{path}: trained for model weights sha256 {want['sha256'][:12]}…, but "
+                              f"{model.source} has sha256 {have['sha256'][:12]}…")
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["method"]["settings"].items()}
+    if dtype is not None:
+        settings["dtype"] = dtype
+    method = get_method(meta["method"]["name"], **settings)
+    try:
+        params = _checkpointer().restore(os.path.join(path, "params"))
+    except Exception as e:  # orbax raises many types for damaged directories
+        raise CompressorError(f"{path}/params: cannot restore the compressor parameters ({type(e).__name__}: {e})") from None
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    method.validate(model.cfg, params)
+    return method, params

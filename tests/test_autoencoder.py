@@ -1,0 +1,225 @@
+"""KV-CAR autoencoders: the compressed cache, folding, int8 latents, training, checkpoints."""
+
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY
+from kvjax.cache import Dense, write_at
+from kvjax.cache.autoencoder import Autoencoder
+from kvjax.checkpoints import LoadedModel
+from kvjax.compressors import CompressorError, load_compressor, save_compressor
+from kvjax.compressors.autoencoder import (Coder, apply_coder, dequantize_int8, fold_variables,
+                                           init_layer_variables, quantize_int8)
+from kvjax.generate import decode_step, prefill
+from kvjax.models import init_params
+from train.autoencoder import TrainConfig, Trainer, split_windows, windows_from_ids
+
+
+def random_mparams(cfg, latent, hidden=0, layers=None, seed=0):
+    layers = range(cfg.n_layers) if layers is None else layers
+    keys = jax.random.split(jax.random.PRNGKey(seed), cfg.n_layers)
+    variables = {str(l): init_layer_variables(keys[l], cfg.kv_width, latent, hidden) for l in layers}
+    return fold_variables(variables)
+
+
+@pytest.mark.parametrize("latent_dtype,hidden", [("", 0), ("bfloat16", 12), ("int8", 0)])
+def test_nbytes_shrinks_by_the_configured_ratio(tiny, latent_dtype, hidden):
+    cfg, _ = tiny
+    latent = cfg.kv_width // 2
+    m = Autoencoder(latent=latent, hidden=hidden, latent_dtype=latent_dtype)
+    mp = random_mparams(cfg, latent, hidden)
+    cache = m.init(cfg, 2, 24, mp)
+    dense = Dense().init(cfg, 2, 24)
+    assert cache.nbytes == m.bytes_per_token(cfg) * 2 * 24
+    per_layer = {"": 4 * latent, "bfloat16": 2 * latent, "int8": latent + 4}[latent_dtype] * 2
+    assert cache.nbytes == per_layer * cfg.n_layers * 2 * 24
+    if latent_dtype == "":
+        assert cache.nbytes * 2 == dense.nbytes  # exactly half at latent = K*D/2
+    # only chosen layers shrink
+    m2 = Autoencoder(latent=latent, layers=(1,), latent_dtype=latent_dtype)
+    c2 = m2.init(cfg, 2, 24, random_mparams(cfg, latent, layers=[1]))
+    assert c2.nbytes == dense.nbytes // cfg.n_layers * (cfg.n_layers - 1) + per_layer * 2 * 24
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplicitReconstruction(Dense):
+    """Dense storage of explicitly reconstructed K/V (the specification the compressed cache must meet)."""
+    name = "explicit"
+
+    def write_layer(self, params, cfg, state, layer, k, v, positions, starts):
+        b, t = k.shape[:2]
+        p = params[str(layer)]
+        k = apply_coder(p["k_dec"], apply_coder(p["k_enc"], k.reshape(b, t, -1))).reshape(k.shape)
+        v = apply_coder(p["v_dec"], apply_coder(p["v_enc"], v.reshape(b, t, -1))).reshape(v.shape)
+        return super().write_layer(params, cfg, state, layer, k, v, positions, starts)
+
+
+@pytest.mark.parametrize("hidden", [0, 12])
+def test_compressed_cache_equals_attention_over_reconstructed_kv(tiny, hidden):
+    cfg, params = tiny
+    mp = random_mparams(cfg, 6, hidden)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, cfg.vocab_size)
+    m = Autoencoder(latent=6, hidden=hidden)
+    got, _ = prefill(params, cfg, tokens, m.init(cfg, 2, 16, mp), method=m, mparams=mp, all_logits=True)
+    ref_m = ExplicitReconstruction()
+    want, _ = prefill(params, cfg, tokens, ref_m.init(cfg, 2, 16), method=ref_m, mparams=mp, all_logits=True)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    dense, _ = prefill(params, cfg, tokens, Dense().init(cfg, 2, 16), all_logits=True)
+    assert float(jnp.abs(got - dense).max()) > 1e-3  # the compression is really in the path
+
+
+@pytest.mark.parametrize("latent_dtype", ["", "int8"])
+def test_prefill_equals_decode_through_compressed_cache(tiny, latent_dtype):
+    cfg, params = tiny
+    mp = random_mparams(cfg, 6)
+    m = Autoencoder(latent=6, latent_dtype=latent_dtype, layers=(0, 2))
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, cfg.vocab_size)
+    full, _ = prefill(params, cfg, tokens, m.init(cfg, 2, 8, mp), method=m, mparams=mp, all_logits=True)
+    cache = m.init(cfg, 2, 8, mp)
+    steps = []
+    for i in range(8):
+        lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
+        steps.append(lg)
+    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_pre_rope_keys_are_rotated_after_decoding():
+    """With an identity autoencoder, pre- and post-RoPE compression both equal the dense model."""
+    cfg = TINY["llama"]
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
+    eye = [{"w": jnp.eye(cfg.kv_width), "b": jnp.zeros(cfg.kv_width)}]
+    mp = {str(l): {"k_enc": eye, "k_dec": eye, "v_enc": eye, "v_dec": eye} for l in range(cfg.n_layers)}
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 9), 0, cfg.vocab_size)
+    dense, _ = prefill(params, cfg, tokens, Dense().init(cfg, 1, 9), all_logits=True)
+    for pre in (True, False):
+        m = Autoencoder(latent=cfg.kv_width, pre_rope=pre)
+        got, _ = prefill(params, cfg, tokens, m.init(cfg, 1, 9, mp), method=m, mparams=mp, all_logits=True)
+        np.testing.assert_allclose(got, dense, atol=1e-5)
+
+
+def test_batchnorm_folds_exactly():
+    var = init_layer_variables(jax.random.PRNGKey(0), 16, 8, 12)
+    # give BatchNorm non-trivial statistics and affine parameters
+    var = jax.tree_util.tree_map(lambda x: x, var)
+    for part in ("k_enc", "k_dec"):
+        var["batch_stats"][part]["bn_0"] = {"mean": jnp.linspace(-1, 1, 12), "var": jnp.linspace(0.5, 2, 12)}
+        var["params"][part]["bn_0"] = {"scale": jnp.linspace(0.5, 1.5, 12), "bias": jnp.linspace(-0.3, 0.3, 12)}
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 16))
+    enc = {"params": var["params"]["k_enc"], "batch_stats": var["batch_stats"]["k_enc"]}
+    want = Coder((12, 8)).apply(enc, x, train=False)
+    folded = fold_variables({"0": var})["0"]
+    np.testing.assert_allclose(apply_coder(folded["k_enc"], x), want, atol=1e-5)
+
+
+def test_int8_latents_round_trip():
+    z = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 48)) * 5
+    q, scale, zmin = quantize_int8(z)
+    assert q.dtype == jnp.int8 and scale.dtype == jnp.float16 and scale.shape == (3, 7)
+    err = jnp.abs(dequantize_int8(q, scale, zmin) - z)
+    step = (z.max(-1) - z.min(-1)) / 255
+    assert float(jnp.max(err / step[..., None])) <= 0.55  # half a step, plus fp16 rounding of scale/min
+
+
+# ------------------------------------------------------------------------------------------- training
+def tiny_model():
+    cfg = TINY["llama"]
+    return LoadedModel(cfg=cfg, params=init_params(cfg, jax.random.PRNGKey(0), scale=0.3), tokenizer=None,
+                       source="tiny", sha256="f" * 64)
+
+
+def tiny_windows():
+    rng = np.random.default_rng(0)
+    ids = (np.arange(8000) * 7 % 97 + rng.integers(0, 3, 8000)) % 97
+    return split_windows(windows_from_ids(ids, 32), 8)
+
+
+def run(out, **kw):
+    tc = TrainConfig(**{"latent": 6, "steps1": 4, "steps2": 12, "batch": 4, "context": 32, "eval_every": 8,
+                        "save_every": 4, "init": "random", "lr": 3e-3, "lr2": 3e-3, **kw})
+    tr, ev = tiny_windows()
+    return Trainer(tiny_model(), tr, ev, tc, str(out), progress=False)
+
+
+def test_training_lowers_reconstruction_loss_and_ce(tmp_path):
+    trainer = run(tmp_path / "a", steps1=15, steps2=30, lr=1e-2, l1_weight=10.0)
+    method, mp, hist = trainer.run()
+    for layer in range(3):  # stage 1: each layer's own reconstruction error falls while it is trained
+        l1 = [h["l1"] for h in hist if h["stage"] == 1 and (h["step"] - 1) // 15 == layer]
+        assert np.mean(l1[-4:]) < 0.9 * np.mean(l1[:4]), (layer, l1)
+    evals = [h for h in hist if "eval_ppl" in h]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 75
+    # held-back cross-entropy through the real compressed cache falls from the initialisation
+    assert evals[-1]["eval_ppl"] < 0.97 * evals[0]["eval_ppl"]
+    # the written compressor loads and reproduces the trained parameters exactly
+    m2, mp2 = load_compressor(str(tmp_path / "a" / "compressor"), tiny_model())
+    assert m2 == method
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), mp, mp2)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = run(tmp_path / "full")
+    _, mp_full, _ = full.run()
+    part = run(tmp_path / "part")
+    part.run(stop_after=16)  # as if interrupted after step 16
+    resumed = run(tmp_path / "part")
+    _, mp_res, hist = resumed.run(resume=True)
+    assert hist[0]["step"] == 17
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+                           mp_full, mp_res)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tmp_path / "part").run(resume=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = run(tmp_path / "nan", lr=1e30, save_every=1)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        trainer.run()
+    from train.checkpoint import CheckpointStore
+    store = CheckpointStore(str(tmp_path / "nan" / "ckpt"), trainer.record())
+    step = store.latest_step()
+    assert step is not None
+    restored = run(tmp_path / "nan", lr=1e30, save_every=1)
+    template = restored.init_variables_abstract()
+    tx = restored.optimizer(1, {l: v["params"] for l, v in template.items()})
+    variables, _ = store.restore(step, template, tx.init({l: v["params"] for l, v in template.items()}))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(variables))
+
+
+def test_compressor_for_another_model_is_refused(tmp_path):
+    model = tiny_model()
+    cfg = model.cfg
+    mp = random_mparams(cfg, 6)
+    path = save_compressor(str(tmp_path / "c"), Autoencoder(latent=6), mp, model)
+    other = LoadedModel(cfg=dataclasses.replace(cfg, n_layers=2), params=None, tokenizer=None, source="x", sha256="")
+    with pytest.raises(CompressorError, match="n_layers=3"):
+        load_compressor(path, other)
+    with pytest.raises(CompressorError, match="sha256"):
+        load_compressor(path, dataclasses.replace(model, sha256="0" * 64))
+    # a damaged checkpoint: truncate every array file
+    for root, _, files in os.walk(os.path.join(path, "params")):
+        for f in files:
+            if not f.endswith(".json") and "METADATA" not in f:
+                open(os.path.join(root, f), "wb").close()
+    with pytest.raises(CompressorError, match="cannot restore"):
+        load_compressor(path, model)
+    shutil.rmtree(path)
+    with pytest.raises(CompressorError, match="no such compressor"):
+        load_compressor(path, model)
+
+
+def test_method_refuses_missing_or_mismatched_params(tiny):
+    cfg, _ = tiny
+    with pytest.raises(ValueError, match="needs trained compressor parameters"):
+        Autoencoder().init(cfg, 1, 8)
+    with pytest.raises(ValueError, match="no autoencoder for layer 2"):
+        Autoencoder(latent=6).init(cfg, 1, 8, random_mparams(cfg, 6, layers=[0, 1]))
+    with pytest.raises(ValueError, match="latent 8"):
+        Autoencoder(latent=8).init(cfg, 1, 8, random_mparams(cfg, 6))
+    with pytest.raises(ValueError, match="out of range"):
+        Autoencoder(latent=6, layers=(7,)).init(cfg, 1, 8, random_mparams(cfg, 6))

@@ -1,0 +1,413 @@
+"""Train KV-CAR autoencoders on a frozen model: ``python -m train.autoencoder``.
+
+Stage 1 (per layer): only that layer is compressed; its K and V autoencoders learn from the model's
+cross-entropy plus a scaled L1 reconstruction loss. Stage 2: every chosen layer compressed at once, the
+encoders (``--stage2-train enc``, the paper's choice) or all coders fine-tuned on cross-entropy plus the
+sum of the L1 terms. The base model never changes.
+
+Which layer is active is a traced mask, so one compiled step serves every layer of stage 1 and stage 2.
+Checkpoints (orbax, atomic) go to ``OUT/ckpt`` every ``--save-every`` steps with the full configuration;
+``--resume`` continues from the newest. The inference-form compressor (BatchNorm folded) is written to
+``OUT/compressor`` and loads with ``kvjax.compressors.load_compressor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kvjax.cache.autoencoder import Autoencoder
+from kvjax.cache.base import CacheMethod, write_at
+from kvjax.compressors.autoencoder import (LayerAutoencoders, fake_quant_int8, fold_variables,
+                                           init_layer_variables, pca_linear_variables)
+from kvjax.compressors.io import save_compressor
+from kvjax.models.layers import rope
+from kvjax.models.transformer import forward
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    latent: int = 0  # 0: K*D / 2
+    hidden: int = 0  # 0: linear autoencoders
+    layers: tuple = ()  # (): every layer
+    latent_dtype: str = ""  # "int8": train stage 2 with int8 fake-quantized latents, store int8
+    pre_rope: bool = True
+    init: str = "pca"  # "pca" (linear variant only) or "random"
+    steps1: int = 30  # stage-1 steps per layer
+    steps2: int = 300  # stage-2 steps
+    stage2_train: str = "enc"  # "enc" or "all"
+    batch: int = 8
+    context: int = 512
+    lr: float = 1e-3
+    lr2: float = 3e-4
+    l1_weight: float = 1.0  # weight of the relative L1 reconstruction term
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    eval_windows: int = 16
+    save_every: int = 100
+    seed: int = 0
+    dtype: str = "float32"  # compute dtype of the frozen model
+
+    def method(self, dtype: str | None = None) -> Autoencoder:
+        return Autoencoder(latent=self.latent, hidden=self.hidden, layers=tuple(self.layers),
+                           latent_dtype=self.latent_dtype, pre_rope=self.pre_rope, dtype=dtype or self.dtype)
+
+
+# ------------------------------------------------------------------------------------------ the training method
+@dataclasses.dataclass(frozen=True)
+class _TrainingCache(CacheMethod):
+    """Training only (not a compression method): stores the *reconstructed* K/V densely so gradients reach
+    the autoencoders, and returns each layer's L1 term and updated BatchNorm statistics in its state.
+    mparams = {"vars": {layer: flax variables}, "active": [n_layers] float mask, "quant": [] float}."""
+
+    name = "autoencoder-training"
+    width: int = 0
+    latent: int = 0
+    hidden: int = 0
+    pre_rope: bool = True
+    quant: bool = False
+
+    def init_layer(self, cfg, layer, batch, max_len):
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
+
+    def write_layer(self, params, cfg, state, layer, k, v, positions, starts):
+        b, t = k.shape[:2]
+        if not self.pre_rope:
+            k = self.rotate_keys(cfg, k, positions)
+        xk = k.reshape(b, t, -1).astype(jnp.float32)
+        xv = v.reshape(b, t, -1).astype(jnp.float32)
+        active = params["active"][layer]
+        if str(layer) in params["vars"]:
+            module = LayerAutoencoders(self.width, self.latent, self.hidden)
+            var = params["vars"][str(layer)]
+            (zk, zv), upd = module.apply(var, xk, xv, train=True, method=LayerAutoencoders.encode,
+                                         mutable=["batch_stats"])
+            if self.quant:
+                zk, zv = fake_quant_int8(zk), fake_quant_int8(zv)
+            var = {**var, **upd}
+            (rk, rv), upd = module.apply(var, zk, zv, train=True, method=LayerAutoencoders.decode,
+                                         mutable=["batch_stats"])
+            l1 = (jnp.mean(jnp.abs(rk - xk)) / (jnp.mean(jnp.abs(xk)) + 1e-6)
+                  + jnp.mean(jnp.abs(rv - xv)) / (jnp.mean(jnp.abs(xv)) + 1e-6))
+            xk = active * rk + (1 - active) * xk
+            xv = active * rv + (1 - active) * xv
+            stats = upd.get("batch_stats", {})
+        else:
+            l1, stats = jnp.float32(0), {}
+        k = xk.reshape(k.shape)
+        if self.pre_rope:
+            k = self.rotate_keys(cfg, k, positions)
+        return {"k": write_at(state["k"], k, starts), "v": write_at(state["v"], xv.reshape(v.shape), starts),
+                "l1": l1 * active, "batch_stats": stats}
+
+    def read_layer(self, params, cfg, cache, layer):
+        return cache.layers[layer]["k"], cache.layers[layer]["v"]
+
+    def layer_bytes_per_token(self, cfg, layer):
+        return 2 * cfg.kv_width * 4
+
+
+def token_nll(logits, tokens):
+    """Mean next-token NLL of tokens [B, T] under logits [B, T, V] (every token after the first)."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.mean(nll)
+
+
+# ------------------------------------------------------------------------------------------ data
+def windows_from_ids(ids: np.ndarray, context: int) -> np.ndarray:
+    n = len(ids) // context
+    if n == 0:
+        raise ValueError(f"training text has {len(ids)} tokens, fewer than one window of --context {context}")
+    return np.asarray(ids[: n * context], np.int32).reshape(n, context)
+
+
+def split_windows(windows: np.ndarray, eval_windows: int):
+    """Held-back evaluation windows come from the end of the text, training windows from the rest."""
+    eval_windows = min(eval_windows, max(1, len(windows) // 5))
+    if len(windows) - eval_windows < 1:
+        raise ValueError(f"{len(windows)} windows: too few to hold back {eval_windows} for evaluation")
+    return windows[:-eval_windows], windows[-eval_windows:]
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+class Trainer:
+    """Holds the frozen model, the data and the compiled steps; ``run`` trains and returns the compressor."""
+
+    def __init__(self, model, train_windows: np.ndarray, eval_windows: np.ndarray, tc: TrainConfig,
+                 out_dir: str, data_record: dict | None = None, progress: bool = True):
+        self.model, self.cfg, self.tc = model, model.cfg, tc
+        self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, tc.dtype), model.params)
+        self.train_windows, self.eval_windows = train_windows, eval_windows
+        self.out_dir, self.progress = out_dir, progress
+        self.data_record = data_record or {}
+        self.infer_method = tc.method(dtype="float32")
+        self.layers = self.infer_method.compressed_layers(self.cfg)
+        self.latent = self.infer_method.latent_dim(self.cfg)
+        self.train_method = _TrainingCache(width=self.cfg.kv_width, latent=self.latent, hidden=tc.hidden,
+                                           pre_rope=tc.pre_rope)
+        self.quant_method = dataclasses.replace(self.train_method, quant=True)
+        self.n1 = tc.steps1 * len(self.layers)
+        self.total = self.n1 + tc.steps2
+
+    # -- optimizers: stage 1 trains everything of the active layer; stage 2 encoders (or all)
+    def optimizer(self, stage: int, params):
+        if stage == 1:  # one warmup-cosine cycle per layer: every layer gets the same schedule
+            cycle = optax.warmup_cosine_decay_schedule(0.0, self.tc.lr, max(1, min(20, self.tc.steps1 // 4)),
+                                                       max(2, self.tc.steps1), self.tc.lr * 0.1)
+            sched = lambda count: cycle(count % self.tc.steps1)  # noqa: E731
+        else:
+            sched = optax.warmup_cosine_decay_schedule(0.0, self.tc.lr2, max(1, min(20, self.tc.steps2 // 10)),
+                                                       max(2, self.tc.steps2), self.tc.lr2 * 0.1)
+        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=self.tc.weight_decay))
+        if stage == 2 and self.tc.stage2_train == "enc":
+            labels = {l: {part: ("train" if part.endswith("enc") else "freeze") for part in p}
+                      for l, p in params.items()}
+            tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+        return tx
+
+    def init_variables(self):
+        key = jax.random.PRNGKey(self.tc.seed)
+        keys = jax.random.split(key, len(self.layers))
+        variables = {str(l): init_layer_variables(k, self.cfg.kv_width, self.latent, self.tc.hidden)
+                     for l, k in zip(self.layers, keys)}
+        if self.tc.init == "pca":
+            if self.tc.hidden:
+                raise ValueError("--init pca needs the linear variant (--hidden 0); use --init random")
+            rows = self.calibration_rows()
+            variables = {l: pca_linear_variables(v, *rows[int(l)], self.latent) for l, v in variables.items()}
+        return variables
+
+    def calibration_rows(self, n_windows: int = 8):
+        """Per layer: (K rows before/after RoPE per ``pre_rope``, V rows) from a dense pass over training text."""
+        from kvjax.cache.dense import Dense
+        m = Dense()
+        tokens = jnp.asarray(self.train_windows[:n_windows])
+        cache = m.init(self.cfg, tokens.shape[0], tokens.shape[1])
+        _, cache = jax.jit(forward, static_argnames=("cfg", "method"))(self.params, self.cfg, tokens, cache, m)
+        pos = m.slot_positions(tokens.shape[0], tokens.shape[1])
+        rows = {}
+        for l in self.layers:
+            k, v = cache.layers[l]["k"], cache.layers[l]["v"]
+            if self.tc.pre_rope and self.cfg.uses_rope:
+                k = rope(k, -pos, self.cfg.rope_theta)  # undo the rotation: R(-p) R(p) = I
+            rows[l] = (np.asarray(k, np.float64).reshape(-1, self.cfg.kv_width),
+                       np.asarray(v, np.float64).reshape(-1, self.cfg.kv_width))
+        return rows
+
+    def make_step(self, tx, method):
+        cfg, params, w = self.cfg, self.params, self.tc.l1_weight
+
+        def loss_fn(ae_params, variables, tokens, active):
+            merged = {l: {**v, "params": ae_params[l]} for l, v in variables.items()}
+            mp = {"vars": merged, "active": active}
+            cache = method.init(cfg, tokens.shape[0], tokens.shape[1])
+            logits, cache = forward(params, cfg, tokens, cache, method, mp)
+            ce = token_nll(logits, tokens)
+            l1 = sum(cache.layers[int(l)]["l1"] for l in variables)
+            stats = {l: cache.layers[int(l)]["batch_stats"] for l in variables}
+            return ce + w * l1, (ce, l1, stats)
+
+        def step(variables, opt_state, tokens, active):
+            ae_params = {l: v["params"] for l, v in variables.items()}
+            (loss, (ce, l1, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(ae_params, variables, tokens, active)
+            updates, opt_state = tx.update(grads, opt_state, ae_params)
+            ae_params = optax.apply_updates(ae_params, updates)
+            new_vars = {l: {**variables[l], "params": ae_params[l],
+                            **({"batch_stats": stats[l]} if stats[l] else {})} for l in variables}
+            return new_vars, opt_state, {"loss": loss, "ce": ce, "l1": l1}
+
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    def evaluate(self, variables) -> dict:
+        """Held-back perplexity through the real compressed cache (folded coders), and dense."""
+        from kvjax.cache.dense import Dense
+        mparams = fold_variables(variables)
+        out = {}
+        for name, method, mp in (("dense", Dense(dtype=self.tc.dtype), None),
+                                 ("compressed", self.tc.method(), mparams)):
+            fn = self._eval_fns.get(name)
+            if fn is None:
+                fn = jax.jit(lambda p, t, mp, method=method: token_nll(
+                    forward(p, self.cfg, t, method.init(self.cfg, t.shape[0], t.shape[1], mp), method, mp)[0], t))
+                self._eval_fns[name] = fn
+            if name == "dense" and "dense" in self._dense_eval:
+                out[name] = self._dense_eval["dense"]
+                continue
+            nlls = [float(fn(self.params, jnp.asarray(self.eval_windows[i:i + self.tc.batch]), mp))
+                    * len(self.eval_windows[i:i + self.tc.batch]) for i in range(0, len(self.eval_windows), self.tc.batch)]
+            out[name] = math.exp(sum(nlls) / len(self.eval_windows))
+            if name == "dense":
+                self._dense_eval["dense"] = out[name]
+        return {"eval_ppl_dense": out["dense"], "eval_ppl": out["compressed"]}
+
+    def run(self, resume: bool = False, stop_after: int | None = None):
+        """Trains to the end (or to step ``stop_after``, as an interruption would); returns (method, mparams, history)."""
+        from tqdm.auto import tqdm
+        from train.checkpoint import CheckpointStore
+
+        self._eval_fns, self._dense_eval = {}, {}
+        store = CheckpointStore(os.path.join(self.out_dir, "ckpt"), self.record())
+        stage = tx = step_fn = opt_state = None
+        step = 0
+        if resume and store.latest_step() is not None:
+            step = store.latest_step()
+            stage = 1 if step < self.n1 else 2
+            template = self.init_variables_abstract()
+            tx, step_fn = self.setup_stage(stage, template)
+            opt_template = tx.init({l: v["params"] for l, v in template.items()})
+            variables, opt_state = store.restore(step, template, opt_template)
+            self.log(f"resumed from step {step} (stage {stage})")
+        else:
+            store.check_fresh(resume)
+            variables = self.init_variables()
+        history = []
+        if step == 0:  # where the initialisation starts (PCA init is already a usable compressor)
+            history.append({"step": 0, "stage": 0, **self.evaluate(variables)})
+            self.log(f"initial held-back ppl {history[0]['eval_ppl']:.3f} (dense {history[0]['eval_ppl_dense']:.3f})")
+        bar = tqdm(total=self.total, initial=step, disable=not self.progress, desc="train.autoencoder", file=sys.stderr)
+        t0 = time.perf_counter()
+        end = self.total if stop_after is None else min(stop_after, self.total)
+        while step < end:
+            if (1 if step < self.n1 else 2) != stage:
+                stage = 1 if step < self.n1 else 2
+                tx, step_fn = self.setup_stage(stage, variables)
+                opt_state = tx.init({l: v["params"] for l, v in variables.items()})
+            if stage == 1:
+                layer = self.layers[step // self.tc.steps1]
+                active = jnp.zeros((self.cfg.n_layers,), jnp.float32).at[layer].set(1.0)
+            else:
+                active = jnp.zeros((self.cfg.n_layers,), jnp.float32).at[jnp.asarray(self.layers)].set(1.0)
+            # batches depend only on (seed, step), so a resumed run sees the same data as an uninterrupted one
+            idx = np.random.default_rng([self.tc.seed, step]).integers(0, len(self.train_windows), self.tc.batch)
+            tokens = jnp.asarray(self.train_windows[idx])
+            new_vars, new_opt, metrics = step_fn(variables, opt_state, tokens, active)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                bar.close()
+                raise FloatingPointError(
+                    f"non-finite loss {loss} at step {step} (stage {stage}); training stopped. The last good "
+                    f"checkpoint in {store.directory} is intact (step {store.latest_step()}); lower --lr or check the data.")
+            variables, opt_state = new_vars, new_opt
+            step += 1
+            rec = {"step": step, "stage": stage, "loss": loss, "ce": float(metrics["ce"]), "l1": float(metrics["l1"]),
+                   "ppl": math.exp(float(metrics["ce"]))}
+            bar.update(1)
+            bar.set_postfix(stage=stage, loss=f"{loss:.3f}", ppl=f"{rec['ppl']:.2f}", l1=f"{rec['l1']:.3f}")
+            if step % self.tc.eval_every == 0 or step == self.total:
+                rec.update(self.evaluate(variables))
+                if self.progress:
+                    bar.write(f"step {step}: held-back ppl {rec['eval_ppl']:.3f} (dense {rec['eval_ppl_dense']:.3f})")
+            history.append(rec)
+            if step % self.tc.save_every == 0 or step in (self.total, self.n1, end):
+                store.save(step, variables, opt_state)
+        bar.close()
+        mparams = fold_variables(variables)
+        final = history[-1] if history else {}
+        training = {**self.record(), "steps_done": step, "seconds": time.perf_counter() - t0,
+                    "final": final, "history_tail": history[-5:]}
+        path = save_compressor(os.path.join(self.out_dir, "compressor"), self.tc.method(), mparams, self.model,
+                               training=training)
+        with open(os.path.join(self.out_dir, "history.json"), "w") as f:
+            json.dump(history, f)
+        self.log(f"wrote {path}")
+        return self.tc.method(), mparams, history
+
+    def setup_stage(self, stage, variables):
+        tx = self.optimizer(stage, {l: v["params"] for l, v in variables.items()})
+        method = self.quant_method if (stage == 2 and self.tc.latent_dtype == "int8") else self.train_method
+        return tx, self.make_step(tx, method)
+
+    def init_variables_abstract(self):
+        keys = jax.random.split(jax.random.PRNGKey(0), len(self.layers))
+        return {str(l): init_layer_variables(k, self.cfg.kv_width, self.latent, self.tc.hidden)
+                for l, k in zip(self.layers, keys)}
+
+    def record(self) -> dict:
+        from kvjax.compressors.io import model_identity
+        return {"train_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                 for k, v in dataclasses.asdict(self.tc).items()},
+                "model": model_identity(self.model), "data": self.data_record}
+
+    def log(self, msg):
+        if self.progress:
+            print(f"[train.autoencoder] {msg}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def parse_layers(text: str) -> tuple:
+    if text in ("", "all"):
+        return ()
+    out = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return tuple(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m train.autoencoder", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default=None, help="training text file (default: WikiText-2 wiki.valid.raw)")
+    ap.add_argument("--data-dir", default=None, help="shared data folder (default ../shared/data)")
+    ap.add_argument("--layers", default="all", help="layers to compress: 'all' or e.g. '0-9,12'")
+    ap.add_argument("--latent", type=int, default=0, help="latent width (0: half of K*D)")
+    ap.add_argument("--hidden", type=int, default=0, help="hidden width (0: linear autoencoders)")
+    ap.add_argument("--latent-dtype", default="", choices=["", "bfloat16", "float16", "float32", "int8"])
+    ap.add_argument("--post-rope", action="store_true", help="compress keys after RoPE (default: before)")
+    ap.add_argument("--init", default=None, choices=["pca", "random"], help="default: pca if linear else random")
+    ap.add_argument("--steps1", type=int, default=30, help="stage-1 steps per layer")
+    ap.add_argument("--steps2", type=int, default=300)
+    ap.add_argument("--stage2-train", default="enc", choices=["enc", "all"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr2", type=float, default=3e-4)
+    ap.add_argument("--l1-weight", type=float, default=1.0)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", required=True, help="output directory (checkpoints, compressor, history)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--max-tokens", type=int, default=0, help="use only the first N training tokens (0: all)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    from kvjax.checkpoints import load
+    from train.data import training_text
+
+    tc = TrainConfig(latent=args.latent, hidden=args.hidden, layers=parse_layers(args.layers),
+                     latent_dtype=args.latent_dtype, pre_rope=not args.post_rope,
+                     init=args.init or ("pca" if args.hidden == 0 else "random"), steps1=args.steps1,
+                     steps2=args.steps2, stage2_train=args.stage2_train, batch=args.batch, context=args.context,
+                     lr=args.lr, lr2=args.lr2, l1_weight=args.l1_weight, eval_every=args.eval_every,
+                     save_every=args.save_every, seed=args.seed, dtype=args.dtype)
+    model = load(args.model)
+    text, record = training_text(args.data, args.data_dir)
+    ids = np.asarray(model.tokenizer.encode(text), np.int32)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    record["tokens"] = int(len(ids))
+    train_w, eval_w = split_windows(windows_from_ids(ids, tc.context), tc.eval_windows)
+    trainer = Trainer(model, train_w, eval_w, tc, args.out, record, progress=not args.no_progress)
+    trainer.run(resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
