@@ -39,6 +39,7 @@ from kvjax.models.transformer import forward
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     latent: int = 0  # 0: K*D / 2
+    latent_v: int = 0  # 0: same as latent
     hidden: int = 0  # 0: linear autoencoders
     layers: tuple = ()  # (): every layer
     latent_dtype: str = ""  # "int8": train stage 2 with int8 fake-quantized latents, store int8
@@ -60,7 +61,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype of the frozen model
 
     def method(self, dtype: str | None = None) -> Autoencoder:
-        return Autoencoder(latent=self.latent, hidden=self.hidden, layers=tuple(self.layers),
+        return Autoencoder(latent=self.latent, latent_v=self.latent_v, hidden=self.hidden, layers=tuple(self.layers),
                            latent_dtype=self.latent_dtype, pre_rope=self.pre_rope, dtype=dtype or self.dtype)
 
 
@@ -77,6 +78,7 @@ class _TrainingCache(CacheMethod):
     hidden: int = 0
     pre_rope: bool = True
     quant: bool = False
+    latent_v: int = 0
 
     def init_layer(self, cfg, layer, batch, max_len):
         shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
@@ -90,7 +92,7 @@ class _TrainingCache(CacheMethod):
         xv = v.reshape(b, t, -1).astype(jnp.float32)
         active = params["active"][layer]
         if str(layer) in params["vars"]:
-            module = LayerAutoencoders(self.width, self.latent, self.hidden)
+            module = LayerAutoencoders(self.width, self.latent, self.hidden, self.latent_v)
             var = params["vars"][str(layer)]
             (zk, zv), upd = module.apply(var, xk, xv, train=True, method=LayerAutoencoders.encode,
                                          mutable=["batch_stats"])
@@ -156,8 +158,9 @@ class Trainer:
         self.infer_method = tc.method(dtype="float32")
         self.layers = self.infer_method.compressed_layers(self.cfg)
         self.latent = self.infer_method.latent_dim(self.cfg)
+        self.latent_v = self.infer_method.latent_v_dim(self.cfg)
         self.train_method = _TrainingCache(width=self.cfg.kv_width, latent=self.latent, hidden=tc.hidden,
-                                           pre_rope=tc.pre_rope)
+                                           pre_rope=tc.pre_rope, latent_v=self.latent_v)
         self.quant_method = dataclasses.replace(self.train_method, quant=True)
         self.n1 = tc.steps1 * len(self.layers)
         self.total = self.n1 + tc.steps2
@@ -181,13 +184,13 @@ class Trainer:
     def init_variables(self):
         key = jax.random.PRNGKey(self.tc.seed)
         keys = jax.random.split(key, len(self.layers))
-        variables = {str(l): init_layer_variables(k, self.cfg.kv_width, self.latent, self.tc.hidden)
+        variables = {str(l): init_layer_variables(k, self.cfg.kv_width, self.latent, self.tc.hidden, self.latent_v)
                      for l, k in zip(self.layers, keys)}
         if self.tc.init == "pca":
             if self.tc.hidden:
                 raise ValueError("--init pca needs the linear variant (--hidden 0); use --init random")
             rows = self.calibration_rows()
-            variables = {l: pca_linear_variables(v, *rows[int(l)], self.latent) for l, v in variables.items()}
+            variables = {l: pca_linear_variables(v, *rows[int(l)], self.latent, self.latent_v) for l, v in variables.items()}
         return variables
 
     def calibration_rows(self, n_windows: int = 8):
@@ -308,8 +311,7 @@ class Trainer:
             bar.set_postfix(stage=stage, loss=f"{loss:.3f}", ppl=f"{rec['ppl']:.2f}", l1=f"{rec['l1']:.3f}")
             if step % self.tc.eval_every == 0 or step == self.total:
                 rec.update(self.evaluate(variables))
-                if self.progress:
-                    bar.write(f"step {step}: held-back ppl {rec['eval_ppl']:.3f} (dense {rec['eval_ppl_dense']:.3f})")
+                self.log(f"step {step}: held-back ppl {rec['eval_ppl']:.3f} (dense {rec['eval_ppl_dense']:.3f})")
             history.append(rec)
             if step % self.tc.save_every == 0 or step in (self.total, self.n1, end):
                 store.save(step, variables, opt_state)
@@ -332,7 +334,7 @@ class Trainer:
 
     def init_variables_abstract(self):
         keys = jax.random.split(jax.random.PRNGKey(0), len(self.layers))
-        return {str(l): init_layer_variables(k, self.cfg.kv_width, self.latent, self.tc.hidden)
+        return {str(l): init_layer_variables(k, self.cfg.kv_width, self.latent, self.tc.hidden, self.latent_v)
                 for l, k in zip(self.layers, keys)}
 
     def record(self) -> dict:
@@ -342,8 +344,7 @@ class Trainer:
                 "model": model_identity(self.model), "data": self.data_record}
 
     def log(self, msg):
-        if self.progress:
-            print(f"[train.autoencoder] {msg}", file=sys.stderr)
+        print(f"[train.autoencoder] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -367,6 +368,7 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="shared data folder (default ../shared/data)")
     ap.add_argument("--layers", default="all", help="layers to compress: 'all' or e.g. '0-9,12'")
     ap.add_argument("--latent", type=int, default=0, help="latent width (0: half of K*D)")
+    ap.add_argument("--latent-v", type=int, default=0, help="latent width of V (0: same as --latent)")
     ap.add_argument("--hidden", type=int, default=0, help="hidden width (0: linear autoencoders)")
     ap.add_argument("--latent-dtype", default="", choices=["", "bfloat16", "float16", "float32", "int8"])
     ap.add_argument("--post-rope", action="store_true", help="compress keys after RoPE (default: before)")
@@ -392,7 +394,7 @@ def main(argv=None):
     from kvjax.checkpoints import load
     from train.data import training_text
 
-    tc = TrainConfig(latent=args.latent, hidden=args.hidden, layers=parse_layers(args.layers),
+    tc = TrainConfig(latent=args.latent, latent_v=args.latent_v, hidden=args.hidden, layers=parse_layers(args.layers),
                      latent_dtype=args.latent_dtype, pre_rope=not args.post_rope,
                      init=args.init or ("pca" if args.hidden == 0 else "random"), steps1=args.steps1,
                      steps2=args.steps2, stage2_train=args.stage2_train, batch=args.batch, context=args.context,

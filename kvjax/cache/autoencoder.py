@@ -1,6 +1,6 @@
 """KV-CAR compressed cache: chosen layers store per-token autoencoder latents instead of K and V.
 
-A compressed layer's state is ``{"k": [B, S, L], "v": [B, S, L]}`` in ``latent_dtype`` (for int8 also
+A compressed layer's state is ``{"k": [B, S, Lk], "v": [B, S, Lv]}`` in ``latent_dtype`` (for int8 also
 ``k_scale``, ``k_min``, ``v_scale``, ``v_min``: [B, S] float16). New K/V are encoded once when written;
 attention reads decoded K/V. Other layers are stored densely. Keys are compressed *before* RoPE by
 default (``pre_rope``) and rotated after decoding: pre-RoPE keys of a head share one subspace at every
@@ -24,8 +24,8 @@ LATENT_DTYPES = ("", "float32", "bfloat16", "float16", "int8")
 @register("autoencoder")
 @dataclasses.dataclass(frozen=True)
 class Autoencoder(CacheMethod):
-    """Settings. ``latent`` 0 means half of K*D; ``hidden`` 0 means the linear variant; ``layers`` () means
-    every layer; ``latent_dtype`` "" means ``dtype``."""
+    """Settings. ``latent`` (keys) 0 means half of K*D; ``latent_v`` 0 means the same as the keys';
+    ``hidden`` 0 means the linear variant; ``layers`` () means every layer; ``latent_dtype`` "" means ``dtype``."""
 
     name = "autoencoder"
     latent: int = 0
@@ -34,6 +34,7 @@ class Autoencoder(CacheMethod):
     latent_dtype: str = ""
     pre_rope: bool = True
     dtype: str = "float32"
+    latent_v: int = 0
 
     def __post_init__(self):
         if self.latent_dtype not in LATENT_DTYPES:
@@ -43,7 +44,12 @@ class Autoencoder(CacheMethod):
 
     # ------------------------------------------------------------------ settings resolved against a model
     def latent_dim(self, cfg) -> int:
+        """Latent width of K."""
         return self.latent or cfg.kv_width // 2
+
+    def latent_v_dim(self, cfg) -> int:
+        """Latent width of V."""
+        return self.latent_v or self.latent_dim(cfg)
 
     def compressed_layers(self, cfg) -> tuple[int, ...]:
         return tuple(self.layers) if self.layers else tuple(range(cfg.n_layers))
@@ -57,8 +63,9 @@ class Autoencoder(CacheMethod):
         bad = [l for l in layers if not 0 <= l < cfg.n_layers]
         if bad:
             raise ValueError(f"autoencoder layers {bad} out of range for a model with {cfg.n_layers} layers")
-        if not 0 < self.latent_dim(cfg) <= cfg.kv_width:
-            raise ValueError(f"autoencoder latent={self.latent} must be in [1, K*D={cfg.kv_width}]")
+        for name, dim in (("latent", self.latent_dim(cfg)), ("latent_v", self.latent_v_dim(cfg))):
+            if not 0 < dim <= cfg.kv_width:
+                raise ValueError(f"autoencoder {name}={dim} must be in [1, K*D={cfg.kv_width}]")
         if params is None:
             raise ValueError("the autoencoder method needs trained compressor parameters (mparams); "
                              "train them with `python -m train.autoencoder` and load with kvjax.compressors.load_compressor")
@@ -67,18 +74,19 @@ class Autoencoder(CacheMethod):
                 raise ValueError(f"compressor parameters have no autoencoder for layer {l} "
                                  f"(they cover layers {sorted(int(k) for k in params)})")
             p = params[str(l)]
-            w_in, w_lat = p["k_enc"][0]["w"].shape[0], p["k_enc"][-1]["w"].shape[1]
-            if w_in != cfg.kv_width or w_lat != self.latent_dim(cfg) or p["k_dec"][-1]["w"].shape[1] != cfg.kv_width:
-                raise ValueError(f"compressor for layer {l} maps {w_in} -> {w_lat}, but this model has K*D="
-                                 f"{cfg.kv_width} and the method asks for latent {self.latent_dim(cfg)}")
+            for part, want in (("k", self.latent_dim(cfg)), ("v", self.latent_v_dim(cfg))):
+                w_in, w_lat = p[part + "_enc"][0]["w"].shape[0], p[part + "_enc"][-1]["w"].shape[1]
+                if w_in != cfg.kv_width or w_lat != want or p[part + "_dec"][-1]["w"].shape[1] != cfg.kv_width:
+                    raise ValueError(f"compressor for layer {l} maps {part.upper()} {w_in} -> {w_lat}, but this model "
+                                     f"has K*D={cfg.kv_width} and the method asks for latent {want}")
 
     # ------------------------------------------------------------------ state
     def init_layer(self, cfg, layer, batch, max_len):
         if layer not in self.compressed_layers(cfg):
             shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
             return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-        lat = (batch, max_len, self.latent_dim(cfg))
-        state = {"k": jnp.zeros(lat, self.storage_dtype), "v": jnp.zeros(lat, self.storage_dtype)}
+        state = {"k": jnp.zeros((batch, max_len, self.latent_dim(cfg)), self.storage_dtype),
+                 "v": jnp.zeros((batch, max_len, self.latent_v_dim(cfg)), self.storage_dtype)}
         if self.storage_dtype == "int8":
             for name in ("k_scale", "k_min", "v_scale", "v_min"):
                 state[name] = jnp.zeros((batch, max_len), jnp.float16)
@@ -87,10 +95,10 @@ class Autoencoder(CacheMethod):
     def layer_bytes_per_token(self, cfg, layer):
         if layer not in self.compressed_layers(cfg):
             return 2 * cfg.kv_width * jnp.dtype(self.dtype).itemsize
-        per = self.latent_dim(cfg) * jnp.dtype(self.storage_dtype).itemsize
+        per = (self.latent_dim(cfg) + self.latent_v_dim(cfg)) * jnp.dtype(self.storage_dtype).itemsize
         if self.storage_dtype == "int8":
-            per += 2 * 2  # float16 scale and minimum
-        return 2 * per
+            per += 2 * 2 * 2  # float16 scale and minimum, for K and for V
+        return per
 
     # ------------------------------------------------------------------ write / read
     def write_layer(self, params, cfg, state, layer, k, v, positions, starts):

@@ -41,14 +41,17 @@ class LayerAutoencoders(nn.Module):
     """The four coders of one transformer layer."""
 
     width: int  # K * D
-    latent: int
+    latent: int  # latent width of K
     hidden: int = 0  # 0: linear variant
+    latent_v: int = 0  # latent width of V (0: same as K)
 
     def setup(self):
-        enc = (self.hidden, self.latent) if self.hidden else (self.latent,)
-        dec = (self.hidden, self.width) if self.hidden else (self.width,)
-        self.k_enc, self.v_enc = Coder(enc, name="k_enc"), Coder(enc, name="v_enc")
-        self.k_dec, self.v_dec = Coder(dec, name="k_dec"), Coder(dec, name="v_dec")
+        def widths(out):
+            return (self.hidden, out) if self.hidden else (out,)
+
+        self.k_enc = Coder(widths(self.latent), name="k_enc")
+        self.v_enc = Coder(widths(self.latent_v or self.latent), name="v_enc")
+        self.k_dec, self.v_dec = Coder(widths(self.width), name="k_dec"), Coder(widths(self.width), name="v_dec")
 
     def __call__(self, k, v, train: bool = False):
         """Round trip of k, v: [..., width]; returns (k_rec, v_rec, k_lat, v_lat)."""
@@ -62,9 +65,9 @@ class LayerAutoencoders(nn.Module):
         return self.k_dec(zk, train), self.v_dec(zv, train)
 
 
-def init_layer_variables(key, width: int, latent: int, hidden: int = 0):
+def init_layer_variables(key, width: int, latent: int, hidden: int = 0, latent_v: int = 0):
     """Flax variables ({"params", "batch_stats"}) of one layer's four coders."""
-    module = LayerAutoencoders(width, latent, hidden)
+    module = LayerAutoencoders(width, latent, hidden, latent_v)
     x = jnp.zeros((2, width), jnp.float32)
     return module.init(key, x, x, train=False)
 
@@ -132,11 +135,11 @@ def fake_quant_int8(z):
 
 
 # ------------------------------------------------------------------------------------- PCA init
-def pca_linear_variables(variables, k_rows: np.ndarray, v_rows: np.ndarray, latent: int):
+def pca_linear_variables(variables, k_rows: np.ndarray, v_rows: np.ndarray, latent: int, latent_v: int = 0):
     """Sets a linear layer-autoencoder to the PCA of sample rows (encoder = top components, decoder =
     their transpose, mean folded into the biases). k_rows, v_rows: [N, width] float."""
     params = jax.tree_util.tree_map(lambda x: x, variables["params"])
-    for name, rows in (("k", k_rows), ("v", v_rows)):
+    for name, rows, latent in (("k", k_rows, latent), ("v", v_rows, latent_v or latent)):
         rows = np.asarray(rows, np.float64)
         mu = rows.mean(0)
         _, _, vt = np.linalg.svd(rows - mu, full_matrices=False)
