@@ -45,14 +45,14 @@ class TrainConfig:
     latent_dtype: str = ""  # "int8": train stage 2 with int8 fake-quantized latents, store int8
     pre_rope: bool = True
     init: str = "pca"  # "pca" (linear variant only) or "random"
-    steps1: int = 30  # stage-1 steps per layer
-    steps2: int = 300  # stage-2 steps
-    stage2_train: str = "enc"  # "enc" or "all"
+    steps1: int = 0  # stage-1 steps per layer (0: skip; see the README for why)
+    steps2: int = 400  # stage-2 steps
+    stage2_train: str = "all"  # "enc" (the paper) or "all"
     batch: int = 8
     context: int = 512
     lr: float = 1e-3
-    lr2: float = 3e-4
-    l1_weight: float = 1.0  # weight of the relative L1 reconstruction term
+    lr2: float = 1e-4
+    l1_weight: float = 0.01  # weight of the relative L1 reconstruction term (summed over layers)
     weight_decay: float = 0.0
     eval_every: int = 100
     eval_windows: int = 16
@@ -211,9 +211,9 @@ class Trainer:
         return rows
 
     def make_step(self, tx, method):
-        cfg, params, w = self.cfg, self.params, self.tc.l1_weight
+        cfg, w = self.cfg, self.tc.l1_weight
 
-        def loss_fn(ae_params, variables, tokens, active):
+        def loss_fn(ae_params, variables, params, tokens, active):
             merged = {l: {**v, "params": ae_params[l]} for l, v in variables.items()}
             mp = {"vars": merged, "active": active}
             cache = method.init(cfg, tokens.shape[0], tokens.shape[1])
@@ -223,9 +223,10 @@ class Trainer:
             stats = {l: cache.layers[int(l)]["batch_stats"] for l in variables}
             return ce + w * l1, (ce, l1, stats)
 
-        def step(variables, opt_state, tokens, active):
+        def step(variables, opt_state, params, tokens, active):
             ae_params = {l: v["params"] for l, v in variables.items()}
-            (loss, (ce, l1, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(ae_params, variables, tokens, active)
+            (loss, (ce, l1, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                ae_params, variables, params, tokens, active)
             updates, opt_state = tx.update(grads, opt_state, ae_params)
             ae_params = optax.apply_updates(ae_params, updates)
             new_vars = {l: {**variables[l], "params": ae_params[l],
@@ -296,7 +297,7 @@ class Trainer:
             # batches depend only on (seed, step), so a resumed run sees the same data as an uninterrupted one
             idx = np.random.default_rng([self.tc.seed, step]).integers(0, len(self.train_windows), self.tc.batch)
             tokens = jnp.asarray(self.train_windows[idx])
-            new_vars, new_opt, metrics = step_fn(variables, opt_state, tokens, active)
+            new_vars, new_opt, metrics = step_fn(variables, opt_state, self.params, tokens, active)
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 bar.close()
@@ -373,14 +374,14 @@ def main(argv=None):
     ap.add_argument("--latent-dtype", default="", choices=["", "bfloat16", "float16", "float32", "int8"])
     ap.add_argument("--post-rope", action="store_true", help="compress keys after RoPE (default: before)")
     ap.add_argument("--init", default=None, choices=["pca", "random"], help="default: pca if linear else random")
-    ap.add_argument("--steps1", type=int, default=30, help="stage-1 steps per layer")
-    ap.add_argument("--steps2", type=int, default=300)
-    ap.add_argument("--stage2-train", default="enc", choices=["enc", "all"])
+    ap.add_argument("--steps1", type=int, default=0, help="stage-1 steps per layer")
+    ap.add_argument("--steps2", type=int, default=400)
+    ap.add_argument("--stage2-train", default="all", choices=["enc", "all"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lr2", type=float, default=3e-4)
-    ap.add_argument("--l1-weight", type=float, default=1.0)
+    ap.add_argument("--lr2", type=float, default=1e-4)
+    ap.add_argument("--l1-weight", type=float, default=0.01)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,200 @@
+"""How many tokens of KV cache fit in a memory budget, per method: computed exactly, optionally confirmed.
+
+Budget = memory - parameter bytes (model + compressor, in the dtype loaded) - a stated reserve (for
+activations, logits, the XLA workspace). Memory sizes are GiB (2**30 bytes). For each method:
+
+* ``max_batch`` at ``--seq-len`` = floor(budget / (seq_len * bytes_per_token)), and
+* ``max_seq_len`` at ``--batch`` = floor(budget / (batch * bytes_per_token)) (also shown capped at the
+  model's context length),
+
+from ``method.bytes_per_token(cfg)``, which is checked against the ``nbytes`` of the cache that
+``method.init`` would allocate (traced with ``jax.eval_shape``, nothing allocated): they must agree.
+
+``--verify`` then allocates a cache of that size on the device, fills its lengths to the end and runs
+jitted ``decode_step``s at that batch, timing decode tokens/s (median of several steps after warm-up,
+``block_until_ready``). On CPU only a tiny size is run (it confirms the code path, not the capacity). The
+JSON says, per method, what was confirmed on the device and what was only computed.
+
+Command line::
+
+    python -m eval.capacity --model smollm2-135m --methods dense,dense:dtype=bfloat16 --memory-gb 80 \\
+        --seq-len 4096 --batch 64 --verify --json results/capacity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from eval.common import device_record, kv_record, method_spec, now, tree_bytes
+
+GIB = 1 << 30
+
+
+def cache_nbytes(method, cfg, batch: int, seq_len: int, mparams=None) -> int:
+    """Bytes of the cache ``method.init`` would allocate, from shapes only (nothing is allocated)."""
+    return int(jax.eval_shape(lambda p: method.init(cfg, batch, seq_len, p), mparams).nbytes)
+
+
+def plan(cfg, method, budget_bytes: int, seq_len: int, batch: int, mparams=None) -> dict:
+    """Exact capacity of one method in ``budget_bytes``; raises if bytes_per_token and cache.nbytes disagree."""
+    bpt = int(method.bytes_per_token(cfg))
+    probe_len = min(seq_len, cfg.max_seq_len)
+    probe = cache_nbytes(method, cfg, 2, probe_len, mparams)
+    if probe != bpt * 2 * probe_len:
+        raise AssertionError(f"{method_spec(method)}: cache.nbytes={probe} for batch 2 x {probe_len} tokens, but "
+                             f"bytes_per_token={bpt} gives {bpt * 2 * probe_len}")
+    budget = max(int(budget_bytes), 0)
+    max_batch = budget // (seq_len * bpt)
+    max_seq = budget // (batch * bpt)
+    return {"bytes_per_token": bpt, "max_batch": int(max_batch), "at_seq_len": seq_len,
+            "max_seq_len": int(max_seq), "max_seq_len_capped": int(min(max_seq, cfg.max_seq_len)),
+            "model_max_seq_len": cfg.max_seq_len,
+            "at_batch": batch, "tokens_in_budget": int(budget // bpt),
+            "cache_bytes_at_max_batch": int(max_batch * seq_len * bpt)}
+
+
+def verify(params, cfg, method, batch: int, seq_len: int, mparams=None, steps: int = 5, warmup: int = 2) -> dict:
+    """Allocates a [batch, seq_len] cache, fills its lengths to ``seq_len - steps - warmup`` and times
+    ``steps`` jitted decode steps after ``warmup``. Returns bytes allocated and decode tokens/s."""
+    from kvjax.generate import decode_step
+
+    if seq_len < steps + warmup + 1:
+        raise ValueError(f"seq_len {seq_len} too short to time {warmup}+{steps} decode steps")
+    cache = method.init(cfg, batch, seq_len, mparams)
+    nbytes = cache.nbytes
+    cache = cache.replace(lengths=jnp.full((batch,), seq_len - steps - warmup, jnp.int32))
+    tokens = jnp.zeros((batch,), jnp.int32)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        logits, cache = decode_step(params, cfg, tokens, cache, method=method, mparams=mparams)
+        logits.block_until_ready()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    finite = bool(jnp.all(jnp.isfinite(logits)))
+    med = statistics.median(times)
+    stats = {}
+    try:
+        ms = jax.devices()[0].memory_stats() or {}
+        stats = {k: int(ms[k]) for k in ("bytes_limit", "peak_bytes_in_use") if k in ms}
+    except Exception:  # memory_stats is not available on every backend
+        pass
+    return {"batch": batch, "seq_len": seq_len, "cache_nbytes": int(nbytes), "decode_step_s_median": med,
+            "decode_tokens_per_s": batch / med, "logits_finite": finite, **stats}
+
+
+def capacity(cfg, methods, *, memory_gb: float, seq_len: int, batch: int, param_bytes: int = 0,
+             reserve_gb: float = 2.0, mparams: dict | None = None, params=None, do_verify: bool = False,
+             cpu_verify_batch: int = 2, cpu_verify_seq: int = 64, dense_dtype: str = "float32") -> dict:
+    """Capacity of each method (a list of method objects) in ``memory_gb`` GiB.
+
+    ``mparams`` maps a method's spec to its learned parameters (their bytes leave the budget too).
+    With ``do_verify`` (needs ``params``) each plan is run on the device (on CPU at a tiny size).
+    Returns {"budget": ..., "methods": [per-method dict]}.
+    """
+    mparams = mparams or {}
+    if seq_len <= 0 or batch <= 0:
+        raise ValueError(f"seq_len and batch must be positive, got {seq_len}, {batch}")
+    memory = int(memory_gb * GIB)
+    reserve = int(reserve_gb * GIB)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    rows = []
+    for method in methods:
+        spec = method_spec(method)
+        mp = mparams.get(spec)
+        mp_bytes = tree_bytes(mp) if mp is not None else 0
+        budget = memory - param_bytes - mp_bytes - reserve
+        row = {**kv_record(method, cfg, dense_dtype), "compressor_param_bytes": mp_bytes, "budget_bytes": budget,
+               **plan(cfg, method, budget, seq_len, batch, mp)}
+        if budget <= 0:
+            row["note"] = "parameters and reserve exceed the memory: nothing fits"
+        row["confirmed"] = False
+        if do_verify:
+            if params is None:
+                raise ValueError("verify needs the model parameters")
+            if on_cpu:
+                b, s = min(cpu_verify_batch, max(row["max_batch"], 1)), min(cpu_verify_seq, cfg.max_seq_len, seq_len)
+            else:
+                b, s = row["max_batch"], seq_len
+            if b < 1:
+                row["verify"] = {"error": "max_batch is 0: nothing to verify"}
+            else:
+                try:
+                    row["verify"] = verify(params, cfg, method, b, s, mp)
+                    row["confirmed"] = (not on_cpu) and row["verify"]["logits_finite"]
+                    if row["verify"]["cache_nbytes"] != b * s * row["bytes_per_token"]:
+                        raise AssertionError(f"{spec}: allocated cache {row['verify']['cache_nbytes']} B "
+                                             f"!= {b} x {s} x {row['bytes_per_token']}")
+                except (RuntimeError, MemoryError) as e:  # an out-of-memory on the device, recorded
+                    row["verify"] = {"batch": b, "seq_len": s, "error": str(e).splitlines()[0][:300]}
+            if on_cpu and "error" not in row["verify"]:
+                row["verify"]["note"] = "CPU: ran a tiny size to check the code path; capacity not confirmed"
+        rows.append(row)
+    return {"memory_gb": memory_gb, "memory_bytes": memory, "param_bytes": param_bytes, "reserve_gb": reserve_gb,
+            "reserve_bytes": reserve, "seq_len": seq_len, "batch": batch, "methods": rows,
+            **device_record(), "date": now()}
+
+
+def main(argv=None):
+    from eval.common import load_model, write_json
+    from kvjax.cache.registry import parse_method
+
+    ap = argparse.ArgumentParser(prog="python -m eval.capacity", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default="dense", help="method specs, e.g. 'dense,dense:dtype=bfloat16'")
+    ap.add_argument("--compressor", action="append", default=[], help="trained compressor checkpoint (repeatable)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--memory-gb", type=float, default=80.0, help="device memory in GiB")
+    ap.add_argument("--reserve-gb", type=float, default=2.0, help="kept back for activations and workspace")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--verify", action="store_true", help="allocate and run decode at the computed size")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    model = load_model(args.model, args.dtype)
+    specs = split_specs(args.methods)
+    methods = [parse_method(s) for s in specs]
+    mparams = {}
+    if args.compressor:
+        from kvjax.compressors import load_compressor
+        for path in args.compressor:
+            m, mp = load_compressor(path, model)
+            methods.append(m)
+            mparams[method_spec(m)] = mp
+    param_bytes = tree_bytes(model.params)
+    res = capacity(model.cfg, methods, memory_gb=args.memory_gb, seq_len=args.seq_len, batch=args.batch,
+                   param_bytes=param_bytes, reserve_gb=args.reserve_gb, mparams=mparams, params=model.params,
+                   do_verify=args.verify, dense_dtype=args.dtype)
+    res.update({"model": model.cfg.name or model.source, "model_sha256": model.sha256, "dtype": args.dtype,
+                "library": "kvjax", "task": "capacity"})
+    if args.json:
+        write_json(args.json, res)
+    parts = [f"{r['method']}: batch {r['max_batch']} @ {args.seq_len}, seq {r['max_seq_len_capped']} @ {args.batch}"
+             + (" (confirmed)" if r["confirmed"] else "") for r in res["methods"]]
+    print(f"[eval.capacity] {res['model']} in {args.memory_gb:g} GiB (params {param_bytes / GIB:.2f} GiB, reserve "
+          f"{args.reserve_gb:g} GiB): " + "; ".join(parts))
+    return res
+
+
+def split_specs(text: str) -> list[str]:
+    """Method specs from ``--methods``: ``"dense,dense:dtype=bfloat16,autoencoder:a=1,b=2"`` gives
+    ["dense", "dense:dtype=bfloat16", "autoencoder:a=1,b=2"] (a ``key=value`` item continues the spec
+    before it, since method names hold no '='); ';' separates specs explicitly."""
+    specs: list[str] = []
+    for part in (p.strip() for chunk in text.split(";") for p in chunk.split(",")):
+        if not part:
+            continue
+        if "=" in part and ":" not in part and specs and ":" in specs[-1]:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    return specs
+
+if __name__ == "__main__":
+    main()
