@@ -149,11 +149,11 @@ class Trainer:
     """Holds the frozen model, the data and the compiled steps; ``run`` trains and returns the compressor."""
 
     def __init__(self, model, train_windows: np.ndarray, eval_windows: np.ndarray, tc: TrainConfig,
-                 out_dir: str, data_record: dict | None = None, progress: bool = True):
+                 out_dir: str, data_record: dict | None = None, progress: bool = True, save_dtype: str = "float32"):
         self.model, self.cfg, self.tc = model, model.cfg, tc
         self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, tc.dtype), model.params)
         self.train_windows, self.eval_windows = train_windows, eval_windows
-        self.out_dir, self.progress = out_dir, progress
+        self.out_dir, self.progress, self.save_dtype = out_dir, progress, save_dtype
         self.data_record = data_record or {}
         self.infer_method = tc.method(dtype="float32")
         self.layers = self.infer_method.compressed_layers(self.cfg)
@@ -322,7 +322,7 @@ class Trainer:
         training = {**self.record(), "steps_done": step, "seconds": time.perf_counter() - t0,
                     "final": final, "history_tail": history[-5:]}
         path = save_compressor(os.path.join(self.out_dir, "compressor"), self.tc.method(), mparams, self.model,
-                               training=training)
+                               training=training, dtype=self.save_dtype)
         with open(os.path.join(self.out_dir, "history.json"), "w") as f:
             json.dump(history, f)
         self.log(f"wrote {path}")
@@ -389,6 +389,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output directory (checkpoints, compressor, history)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ap.add_argument("--max-tokens", type=int, default=0, help="use only the first N training tokens (0: all)")
+    ap.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="dtype of the written compressor's parameters (float16 halves the file)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -408,7 +410,8 @@ def main(argv=None):
         ids = ids[: args.max_tokens]
     record["tokens"] = int(len(ids))
     train_w, eval_w = split_windows(windows_from_ids(ids, tc.context), tc.eval_windows)
-    trainer = Trainer(model, train_w, eval_w, tc, args.out, record, progress=not args.no_progress)
+    trainer = Trainer(model, train_w, eval_w, tc, args.out, record, progress=not args.no_progress,
+                      save_dtype=args.save_dtype)
     trainer.run(resume=args.resume)
 
 
