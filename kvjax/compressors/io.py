@@ -85,11 +85,23 @@ def read_metadata(path: str) -> dict:
     return meta
 
 
+def _restore_here(params_path: str):
+    """Restores arrays saved on any device (a GPU run's checkpoint on a CPU machine, say) onto this one."""
+    from jax.sharding import SingleDeviceSharding
+
+    ck = _checkpointer()
+    tree = ck.metadata(params_path).item_metadata.tree
+    here = SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
+    return ck.restore(params_path, target)
+
+
 def load_compressor(path: str, model, dtype: str | None = None, check_hash: bool = True):
     """Returns (method, mparams) for ``model`` (a LoadedModel); a compressor trained for another model
     (layer count, dims, or weights hash) is refused with a clear error."""
     from kvjax.cache.registry import get_method
 
+    path = os.path.abspath(path)  # orbax takes absolute paths only
     meta = read_metadata(path)
     want, have = meta["model"], model_identity(model)
     for key in ("arch", "n_layers", "n_kv_heads", "head_dim", "d_model"):
@@ -104,7 +116,7 @@ def load_compressor(path: str, model, dtype: str | None = None, check_hash: bool
         settings["dtype"] = dtype
     method = get_method(meta["method"]["name"], **settings)
     try:
-        params = _checkpointer().restore(os.path.join(path, "params"))
+        params = _restore_here(os.path.join(path, "params"))
     except Exception as e:  # orbax raises many types for damaged directories
         raise CompressorError(f"{path}/params: cannot restore the compressor parameters ({type(e).__name__}: {e})") from None
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)

@@ -1,0 +1,196 @@
+"""Public entry points: ``decompress_attend`` (attention over the KV-CAR latent cache) and
+``dense_attend`` (the same decode attention over an uncompressed cache, the baseline), each with an
+``implementation=`` switch.
+
+implementation:
+  "pallas"  the fused Pallas kernel (Triton backend; interpreted when not on a GPU).
+  "xla"     plain XLA: dequantize, decode every slot, rotate, attend (decode-then-attend).
+  None      "pallas" on a GPU, "xla" elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decompress_attention import reference
+from pallas_kernels.decompress_attention.config import Config
+
+Implementation = Literal["xla", "pallas"]
+
+
+def on_gpu() -> bool:
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
+
+
+def _resolve(implementation, interpret):
+    if implementation is None:
+        implementation = "pallas" if on_gpu() else "xla"
+    if implementation not in ("xla", "pallas"):
+        raise ValueError(f"implementation={implementation!r}; choose 'xla' or 'pallas'")
+    if interpret is None:
+        interpret = not on_gpu()
+    return implementation, interpret
+
+
+# ----------------------------------------------------------------------------------- XLA paths
+def _precision(dtype):
+    # XLA's default float32 matmul on recent GPUs is TF32; float32 inputs get full precision.
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _leaky(x):
+    return jnp.where(x >= 0, x, reference.LEAKY_SLOPE * x)
+
+
+def _decode_xla(layers, z, cdt):
+    """Decoder in the compute dtype with float32 accumulation: [B, S, L] -> [B, S, out] (cdt)."""
+    x = z.astype(cdt)
+    for i, lin in enumerate(layers):
+        x = jnp.dot(x, lin["w"].astype(cdt), preferred_element_type=jnp.float32, precision=_precision(cdt))
+        x = x + lin["b"].astype(jnp.float32)
+        if i < len(layers) - 1:
+            x = _leaky(x)
+        x = x.astype(cdt)
+    return x
+
+
+def _dequant_xla(lat, scale, zmin, cdt):
+    if jnp.issubdtype(lat.dtype, jnp.floating):
+        return lat
+    return reference.dequantize(lat, scale, zmin).astype(cdt)
+
+
+def _gqa_xla(q, k, v, lengths):
+    """Masked GQA decode attention in XLA: q [B, H, D], k, v [B, S, K, D] -> [B, H, D] (q.dtype)."""
+    b, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, kvh, h // kvh, d)
+    prec = _precision(q.dtype)
+    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32,
+                        precision=prec)
+    scores = scores * (1.0 / math.sqrt(d))
+    valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("pre_rope", "rope_theta"))
+def decompress_attend_xla(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_scale=None, k_min=None, v_scale=None,
+                          v_min=None, pre_rope=False, rope_theta=10000.0):
+    """Decode-then-attend in XLA: materializes K, V [B, S, K, D] in the compute dtype."""
+    cdt = q.dtype if jnp.issubdtype(k_lat.dtype, jnp.integer) else k_lat.dtype
+    b, s = k_lat.shape[:2]
+    d = q.shape[-1]
+    kvh = k_dec[-1]["w"].shape[-1] // d
+    k = _decode_xla(k_dec, _dequant_xla(k_lat, k_scale, k_min, cdt), cdt).reshape(b, s, kvh, d)
+    v = _decode_xla(v_dec, _dequant_xla(v_lat, v_scale, v_min, cdt), cdt).reshape(b, s, kvh, d)
+    if pre_rope:
+        k = reference.rope_by_slot(k.astype(jnp.float32), rope_theta).astype(cdt)
+    return _gqa_xla(q, k, v, lengths)
+
+
+@jax.jit
+def decompress_attend_xla_absorbed(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_scale=None, k_min=None,
+                                   v_scale=None, v_min=None):
+    """Linear decoders, keys stored after RoPE, in XLA: attention in latent space (the baseline the fused
+    linear kernel must beat). q_lat = W_k,h q; scores = k_lat q_lat (the q.b_k term is constant over
+    slots); out = (p @ v_lat) W_v,h + b_v."""
+    if len(k_dec) != 1 or len(v_dec) != 1:
+        raise ValueError("the absorbed XLA path needs linear decoders")
+    cdt = q.dtype if jnp.issubdtype(k_lat.dtype, jnp.integer) else k_lat.dtype
+    b, h, d = q.shape
+    lk, lv = k_lat.shape[-1], v_lat.shape[-1]
+    kvh = k_dec[0]["w"].shape[-1] // d
+    g = h // kvh
+    qg = q.astype(jnp.float32).reshape(b, kvh, g, d) * (1.0 / math.sqrt(d))
+    prec = _precision(cdt)
+    q_lat = jnp.einsum("bkgd,lkd->bkgl", qg, k_dec[0]["w"].astype(jnp.float32).reshape(lk, kvh, d),
+                       precision="highest").astype(cdt)
+    zk = _dequant_xla(k_lat, k_scale, k_min, cdt)
+    zv = _dequant_xla(v_lat, v_scale, v_min, cdt)
+    scores = jnp.einsum("bkgl,bsl->bkgs", q_lat, zk, preferred_element_type=jnp.float32, precision=prec)
+    valid = jnp.arange(k_lat.shape[1])[None, :] < lengths[:, None]
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1)
+    o_lat = jnp.einsum("bkgs,bsl->bkgl", p.astype(cdt), zv, preferred_element_type=jnp.float32, precision=prec)
+    out = jnp.einsum("bkgl,lkd->bkgd", o_lat, v_dec[0]["w"].astype(jnp.float32).reshape(lv, kvh, d),
+                     precision="highest")
+    out = out + v_dec[0]["b"].astype(jnp.float32).reshape(kvh, d)[None, :, None, :]
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+_gqa_xla_jit = jax.jit(_gqa_xla)
+
+
+# ----------------------------------------------------------------------------------- public API
+def decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_scale=None, k_min=None, v_scale=None,
+                      v_min=None, pre_rope: bool = False, rope_theta: float = 10000.0,
+                      implementation: Implementation | None = None, config: Config | None = None,
+                      interpret: bool | None = None):
+    """Decode attention of one new token per sequence over the KV-CAR compressed cache of one layer.
+
+    q: [B, H, D] (after RoPE); k_lat: [B, S, Lk], v_lat: [B, S, Lv] (bf16/fp16/fp32, or int8 with
+    k_scale/k_min, v_scale/v_min [B, S]: x = (q + 128) * scale + min); lengths: [B] int32 >= 1 (slot s of
+    sequence b is attended iff s < lengths[b]); k_dec, v_dec: decoders ``[{"w": [in, out], "b": [out]},
+    ...]`` with LeakyReLU(0.01) between layers, output width K*D head-major. ``pre_rope``: keys were
+    stored before RoPE; slot s is rotated by position s after decoding.
+
+    Returns [B, H, D] in q.dtype. ``config`` (Pallas tiling) defaults to ``config.default_config``;
+    ``interpret`` (Pallas) defaults to True off GPU.
+    """
+    implementation, interpret = _resolve(implementation, interpret)
+    quant = dict(k_scale=k_scale, k_min=k_min, v_scale=v_scale, v_min=v_min)
+    for side, lat in (("k", k_lat), ("v", v_lat)):
+        if not jnp.issubdtype(lat.dtype, jnp.floating) and (quant[side + "_scale"] is None
+                                                             or quant[side + "_min"] is None):
+            raise ValueError(f"{side}_lat is {lat.dtype}: pass {side}_scale and {side}_min")
+    if implementation == "xla":
+        return decompress_attend_xla(q, k_lat, v_lat, lengths, k_dec, v_dec, pre_rope=pre_rope,
+                                     rope_theta=rope_theta, **quant)
+    from pallas_kernels.decompress_attention import pallas_triton
+    return pallas_triton.decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, pre_rope=pre_rope,
+                                           rope_theta=rope_theta, config=config, interpret=interpret, **quant)
+
+
+def _jax_decode_attention():
+    """jax's own Pallas (Triton) decode attention module, or None where it cannot be imported."""
+    try:
+        from jax.experimental.pallas.ops.gpu import decode_attention
+    except Exception:  # noqa: BLE001 - moved or removed upstream: fall back to XLA
+        return None
+    return decode_attention if hasattr(decode_attention, "gqa") else None
+
+
+def dense_attend(q, k, v, lengths, *, implementation: Implementation | None = None,
+                 interpret: bool | None = None, k_splits: int = 16, block_k: int = 128):
+    """Decode attention over an uncompressed cache: q [B, H, D], k, v [B, S, K, D], lengths [B].
+
+    "pallas" calls jax's ``jax.experimental.pallas.ops.gpu.decode_attention.gqa`` (split-K flash decoding;
+    S is zero-padded to its split constraints when needed), "xla" an einsum-softmax-einsum. Returns
+    [B, H, D] in q.dtype.
+    """
+    implementation, interpret = _resolve(implementation, interpret)
+    mod = _jax_decode_attention() if implementation == "pallas" else None
+    if mod is None:
+        return _gqa_xla_jit(q, k, v, lengths)
+    s = k.shape[1]
+    k_splits = max(1, min(k_splits, s // 16))
+    split = -(-s // k_splits)
+    block = min(block_k, max(16, 1 << (split - 1).bit_length()))
+    split = -(-split // block) * block
+    s_pad = split * k_splits
+    if s_pad != s:  # costs a copy: only for odd test shapes; benchmarks use aligned S
+        k = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+    return mod.gqa(q, k, v, kv_seq_len=lengths.astype(jnp.int32), k_splits=k_splits, block_k=block,
+                   interpret=interpret)
