@@ -223,3 +223,24 @@ def test_method_refuses_missing_or_mismatched_params(tiny):
         Autoencoder(latent=8).init(cfg, 1, 8, random_mparams(cfg, 6))
     with pytest.raises(ValueError, match="out of range"):
         Autoencoder(latent=6, layers=(7,)).init(cfg, 1, 8, random_mparams(cfg, 6))
+
+
+@pytest.mark.parametrize("latent_dtype", ["", "int8"])
+def test_decode_through_fused_kernel_equals_xla_path(latent_dtype):
+    """The model's decode step with the Pallas kernel (interpreted on CPU) equals decode-then-attend."""
+    cfg = dataclasses.replace(TINY["llama"], d_model=64, n_heads=4, n_kv_heads=2, head_dim=32, n_layers=2)
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.2)
+    mp = random_mparams(cfg, 24)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 5), 0, cfg.vocab_size)
+    outs = {}
+    for kernel in ("xla", "pallas"):
+        m = Autoencoder(latent=24, latent_dtype=latent_dtype, kernel=kernel)
+        cache = m.init(cfg, 2, 8, mp)
+        _, cache = prefill(params, cfg, tokens[:, :3], cache, method=m, mparams=mp)
+        steps = []
+        for i in range(3, 5):
+            lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
+            steps.append(lg)
+        outs[kernel] = np.stack(steps)
+    np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=2e-4, rtol=2e-4)
+    assert not Autoencoder(kernel="auto").use_kernel()  # CPU: the XLA path by default

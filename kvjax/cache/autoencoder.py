@@ -35,10 +35,13 @@ class Autoencoder(CacheMethod):
     pre_rope: bool = True
     dtype: str = "float32"
     latent_v: int = 0
+    kernel: str = "auto"  # decode attention: "auto" (fused Pallas kernel on GPU), "pallas", or "xla"
 
     def __post_init__(self):
         if self.latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"autoencoder latent_dtype={self.latent_dtype!r}; choose from {LATENT_DTYPES[1:]}")
+        if self.kernel not in ("auto", "pallas", "xla"):
+            raise ValueError(f"autoencoder kernel={self.kernel!r}; choose auto, pallas or xla")
         if isinstance(self.layers, int):  # a single layer from the CLI parser
             object.__setattr__(self, "layers", (self.layers,))
 
@@ -128,6 +131,29 @@ class Autoencoder(CacheMethod):
             return (dequantize_int8(state["k"], state["k_scale"], state["k_min"]),
                     dequantize_int8(state["v"], state["v_scale"], state["v_min"]))
         return state["k"].astype(jnp.float32), state["v"].astype(jnp.float32)
+
+    def use_kernel(self) -> bool:
+        if self.kernel == "auto":
+            import jax
+            return jax.default_backend() == "gpu"
+        return self.kernel == "pallas"
+
+    def attend(self, params, cfg, cache, layer, q, positions):
+        """Decode steps (one new token) of compressed layers go through the fused decompress-and-attend
+        kernel when ``use_kernel()``: it reads only latents. Everything else decodes, then attends."""
+        if q.shape[1] != 1 or layer not in self.compressed_layers(cfg) or not self.use_kernel():
+            return super().attend(params, cfg, cache, layer, q, positions)
+        from pallas_kernels.decompress_attention.api import decompress_attend
+
+        state, p = cache.layers[layer], params[str(layer)]
+        quant = {}
+        if self.storage_dtype == "int8":
+            quant = {"k_scale": state["k_scale"], "k_min": state["k_min"],
+                     "v_scale": state["v_scale"], "v_min": state["v_min"]}
+        out = decompress_attend(q[:, 0], state["k"], state["v"], positions[:, 0] + 1, p["k_dec"], p["v_dec"],
+                                pre_rope=self.pre_rope and cfg.uses_rope, rope_theta=cfg.rope_theta,
+                                implementation="pallas", **quant)
+        return out[:, None].astype(q.dtype)
 
     def read_layer(self, params, cfg, cache, layer):
         state = cache.layers[layer]
