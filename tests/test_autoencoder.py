@@ -244,3 +244,20 @@ def test_decode_through_fused_kernel_equals_xla_path(latent_dtype):
         outs[kernel] = np.stack(steps)
     np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=2e-4, rtol=2e-4)
     assert not Autoencoder(kernel="auto").use_kernel()  # CPU: the XLA path by default
+
+
+def test_sensitivity_sweep_and_plan():
+    from eval.sensitivity import sweep
+
+    model = tiny_model()
+    cfg = model.cfg
+    eye = [{"w": jnp.eye(cfg.kv_width), "b": jnp.zeros(cfg.kv_width)}]
+    mp = random_mparams(cfg, cfg.kv_width)
+    mp["1"] = {"k_enc": eye, "k_dec": eye, "v_enc": eye, "v_dec": eye}  # layer 1 is lossless
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 32 * 4)
+    res = sweep(model, Autoencoder(latent=cfg.kv_width), mp, ids, context=32, batch=4, progress=False)
+    inc = {r["layer"]: r["increase"] for r in res["layers"]}
+    assert abs(inc[1]) < 1e-5 and abs(inc[0]) > 1e-3 and abs(inc[2]) > 1e-3
+    assert res["plan"][0]["layers"] == [min(inc, key=inc.get)]  # cheapest first
+    assert [len(p["layers"]) for p in res["plan"]] == [1, 2, 3]
+    assert res["plan"][-1]["kv_saved"] == 0.0  # full-width latents in float32 save nothing
