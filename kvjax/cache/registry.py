@@ -66,3 +66,4 @@ def _load_builtin():
     # Importing the modules registers their methods.
     import kvjax.cache.autoencoder  # noqa: F401
     import kvjax.cache.dense  # noqa: F401
+    import kvjax.cache.quantized  # noqa: F401
