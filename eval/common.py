@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
-import pathlib
-import tempfile
 from typing import Any
 
 import jax
@@ -149,13 +146,9 @@ def encode_no_bos(tokenizer, text: str) -> list[int]:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """Writes ``obj`` as indented JSON atomically (a reader never sees half a file)."""
-    p = pathlib.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.write("\n")
-    os.replace(tmp, p)
+    from kvjax.jsonio import write_json_atomic
+
+    write_json_atomic(path, obj, default=_jsonable)
 
 
 def _jsonable(x):

@@ -7,7 +7,6 @@ argument.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
@@ -69,14 +68,10 @@ class ModelConfig:
         """Builds a config from a Hugging Face ``config.json`` (a dict or a path to the file)."""
         source = "config"
         if not isinstance(hf, Mapping):
+            from kvjax.jsonio import read_json
+
             source = os.fspath(hf)
-            try:
-                with open(source) as f:
-                    hf = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"{source}: config.json not found") from None
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{source}: not valid JSON ({e})") from None
+            hf = read_json(source, ConfigError, "config.json")
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from kvjax.cache import Dense, write_at
+from kvjax.cache import Dense
 from kvjax.cache.autoencoder import Autoencoder
 from kvjax.checkpoints import LoadedModel
 from kvjax.compressors import CompressorError, load_compressor, save_compressor

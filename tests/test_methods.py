@@ -26,6 +26,7 @@ TABLE = {
     "autoencoder": ({"latent": 12, "latent_v": 16}, {"latent": 4, "hidden": 8, "latent_dtype": "int8"},
                     lambda cfg, s: ae_params(cfg, s["latent"], s.get("latent_v", 0), s.get("hidden", 0))),
     "quantized": ({"bits": 8}, {"bits": 4, "group": 4}, None),
+    "reuse": ({"plan": ((1, 0),)}, {"plan": ((1, 0), (1, 1), (2, 0), (2, 1))}, None),  # hard: layer 2 reads layer 0
 }
 
 

@@ -8,6 +8,8 @@ import os
 
 import jax
 
+from kvjax.jsonio import write_json_atomic
+
 
 class CheckpointStore:
     def __init__(self, directory: str, record: dict, max_to_keep: int = 2):
@@ -28,10 +30,7 @@ class CheckpointStore:
         if self.latest_step() is not None and not resume:
             raise FileExistsError(f"{self.directory} already holds checkpoints (newest step {self.latest_step()}); "
                                   f"pass --resume to continue that run or choose another --out")
-        tmp = self.record_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.record, f, indent=2)
-        os.replace(tmp, self.record_path)
+        write_json_atomic(self.record_path, self.record)
 
     def save(self, step: int, variables, opt_state):
         args = self._ocp.args.StandardSave({"variables": variables, "opt_state": opt_state})

@@ -67,3 +67,4 @@ def _load_builtin():
     import kvjax.cache.autoencoder  # noqa: F401
     import kvjax.cache.dense  # noqa: F401
     import kvjax.cache.quantized  # noqa: F401
+    import kvjax.cache.reuse  # noqa: F401

@@ -16,6 +16,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from kvjax.jsonio import read_json
+
 FORMAT = "kvjax-compressor/1"
 
 
@@ -73,13 +75,7 @@ def read_metadata(path: str) -> dict:
     meta_path = os.path.join(path, "compressor.json")
     if not os.path.isdir(path):
         raise CompressorError(f"{path}: no such compressor directory")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CompressorError(f"{meta_path}: missing; {path} is not a kvjax compressor (or was not written whole)") from None
-    except json.JSONDecodeError as e:
-        raise CompressorError(f"{meta_path}: corrupt JSON ({e})") from None
+    meta = read_json(meta_path, CompressorError, "compressor.json: not a kvjax compressor (or not written whole)")
     if meta.get("format") != FORMAT:
         raise CompressorError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta

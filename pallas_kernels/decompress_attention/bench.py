@@ -33,7 +33,6 @@ import datetime
 import gc
 import json
 import math
-import os
 import pathlib
 import platform
 import sys

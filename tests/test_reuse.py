@@ -1,0 +1,245 @@
+"""KV-CAR cross-layer reuse: the Reuse cache, similarity, plans and their files, the analyze CLI."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import kvjax.cache.reuse  # noqa: F401  (registers "reuse")
+from conftest import TINY
+from kvjax.cache import Dense
+from kvjax.cache.registry import get_method, parse_method
+from kvjax.cache.reuse import Reuse
+from kvjax.checkpoints import LoadedModel
+from kvjax.generate import decode_step, prefill
+from kvjax.models import init_params
+from kvjax.reuse import PlanError, head_similarity, load_plan, make_plan, save_plan
+
+ZERO_OUT = {"llama": ("wo", "w_down"), "gpt2": ("wo", "bo", "w_proj", "b_proj")}
+
+
+def identical_layers(cfg, params):
+    """Every layer gets layer 0's weights, and every layer but the last adds nothing to the residual
+    stream, so every layer sees the same input and computes the same K/V; the last layer's attention
+    output still reaches the logits."""
+    layers = []
+    for l in range(cfg.n_layers):
+        p = dict(params["layers"][0])
+        if l < cfg.n_layers - 1:
+            p.update({n: p[n] * 0 for n in ZERO_OUT[cfg.arch]})
+        layers.append(p)
+    return {**params, "layers": layers}
+
+
+def logits(params, cfg, method, tokens, max_len=None):
+    cache = method.init(cfg, tokens.shape[0], max_len or tokens.shape[1])
+    out, _ = prefill(params, cfg, tokens, cache, method=method, all_logits=True)
+    return np.asarray(out)
+
+
+def tokens_for(cfg, b=2, t=10, seed=1):
+    return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, cfg.vocab_size)
+
+
+# ------------------------------------------------------------------------------------------ the cache
+def test_empty_plan_equals_dense_exactly(tiny):
+    cfg, params = tiny
+    tokens = tokens_for(cfg)
+    np.testing.assert_array_equal(logits(params, cfg, Reuse(), tokens), logits(params, cfg, Dense(), tokens))
+    assert Reuse().init(cfg, 2, 10).nbytes == Dense().init(cfg, 2, 10).nbytes
+
+
+def test_reuse_of_identical_layers_equals_dense(tiny):
+    cfg, params = tiny
+    same = identical_layers(cfg, params)
+    tokens = tokens_for(cfg)
+    last = cfg.n_layers - 1
+    plan = tuple((l, h) for l in range(1, cfg.n_layers) for h in range(cfg.n_kv_heads) if (l + h) % 2 == 0)
+    plan += ((last, 1),) if (last, 1) not in plan else ()
+    dense = logits(same, cfg, Dense(), tokens)
+    np.testing.assert_allclose(logits(same, cfg, Reuse(plan=plan), tokens), dense, atol=1e-5, rtol=1e-5)
+    # the whole last layer reused from a layer with different weights changes the output: the reuse is in the path
+    whole = tuple((last, h) for h in range(cfg.n_kv_heads))
+    assert np.abs(logits(params, cfg, Reuse(plan=whole), tokens) - logits(params, cfg, Dense(), tokens)).max() > 1e-3
+
+
+def test_chains_resolve_to_the_lowest_stored_layer():
+    cfg = TINY["llama"]
+    m = Reuse(plan=((2, 1), (1, 1), (2, 0)))
+    assert m.plan == ((1, 1), (2, 0), (2, 1))  # normalized
+    assert m.source(cfg, 2, 1) == 0 and m.source(cfg, 1, 1) == 0 and m.source(cfg, 2, 0) == 1
+    assert m.source(cfg, 1, 0) == 1 and m.source(cfg, 0, 1) == 0
+    assert m.stored_heads(cfg, 2) == () and m.stored_heads(cfg, 1) == (0,)
+    # read_layer: layer 2's head 1 is layer 0's stored head 1, its head 0 is layer 1's stored head 0
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
+    tokens = tokens_for(cfg, t=6)
+    cache = m.init(cfg, 2, 6)
+    _, cache = prefill(params, cfg, tokens, cache, method=m)
+    k2, v2 = m.read_layer(None, cfg, cache, 2)
+    np.testing.assert_array_equal(k2[:, :, 1], cache.layers[0]["k"][:, :, 1])
+    np.testing.assert_array_equal(v2[:, :, 1], cache.layers[0]["v"][:, :, 1])
+    np.testing.assert_array_equal(k2[:, :, 0], cache.layers[1]["k"][:, :, 0])
+    assert cache.layers[2] == {}
+    # against the dense cache: the stored heads hold exactly what Dense stores for them
+    _, dense = prefill(params, cfg, tokens, Dense().init(cfg, 2, 6))
+    np.testing.assert_allclose(cache.layers[0]["k"], dense.layers[0]["k"], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nbytes_exact_and_shrinks_by_the_reused_share(dtype):
+    cfg = TINY["llama"]  # 3 layers x 2 kv heads = 6 heads
+    dense = Dense(dtype=dtype).init(cfg, 2, 24).nbytes
+    for plan, reused in [((), 0), (((1, 0),), 1), (((1, 0), (2, 1)), 2), (((2, 0), (2, 1)), 2),
+                         (((1, 0), (1, 1), (2, 0), (2, 1)), 4)]:
+        m = Reuse(plan=plan, dtype=dtype)
+        cache = m.init(cfg, 2, 24)
+        assert cache.nbytes == m.bytes_per_token(cfg) * 2 * 24
+        assert cache.nbytes * 6 == dense * (6 - reused), plan
+
+
+def test_prefill_equals_decode_through_reuse_cache(tiny):
+    cfg, params = tiny
+    m = Reuse(plan=((1, 0), (2, 0), (2, 1)))
+    tokens = tokens_for(cfg, t=8, seed=2)
+    full = logits(params, cfg, m, tokens)
+    cache = m.init(cfg, 2, 8)
+    steps = []
+    for i in range(8):
+        lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m)
+        steps.append(lg)
+    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+    assert np.abs(full - logits(params, cfg, Dense(), tokens)).max() > 1e-3
+
+
+def test_bad_plans_are_refused_with_the_pair_named():
+    cfg = TINY["llama"]
+    with pytest.raises(ValueError, match=r"\(layer 0, head 1\): layer 0"):
+        Reuse(plan=((0, 1),))
+    with pytest.raises(ValueError, match=r"\(layer 1, head 0\) is listed twice"):
+        Reuse(plan=((1, 0), (2, 1), (1, 0)))
+    with pytest.raises(ValueError, match="negative"):
+        Reuse(plan=((1, -1),))
+    with pytest.raises(ValueError, match="not a \\(layer, head\\) pair"):
+        Reuse(plan=((1, 0, 2),))
+    with pytest.raises(ValueError, match=r"\(layer 3, head 0\): layer out of range .* 3 layers"):
+        Reuse(plan=((3, 0),)).init(cfg, 1, 8)
+    with pytest.raises(ValueError, match=r"\(layer 1, head 2\): head out of range .* 2 kv heads"):
+        Reuse(plan=((1, 2),)).init(cfg, 1, 8)
+
+
+def test_registry_and_method_parser():
+    assert get_method("reuse", plan=((1, 0),)) == Reuse(plan=((1, 0),))
+    assert parse_method("reuse:plan=2+1+1+0,dtype=bfloat16") == Reuse(plan=((1, 0), (2, 1)), dtype="bfloat16")
+    hash(Reuse(plan=[[1, 0]]))  # lists from JSON become hashable tuples: a static jit argument
+
+
+# ------------------------------------------------------------------------------------------ plans
+def tiny_model(**kw):
+    cfg = TINY["llama"]
+    return LoadedModel(cfg=cfg, params=init_params(cfg, jax.random.PRNGKey(0), scale=0.3), tokenizer=None,
+                       source="tiny", sha256="f" * 64, **kw)
+
+
+def test_plan_file_round_trip_and_other_model_refused(tmp_path):
+    model = tiny_model()
+    plan = ((2, 1), (1, 0))
+    path = save_plan(str(tmp_path / "p" / "plan.json"), plan, model, info={"metric": "l1"})
+    assert load_plan(path, model) == ((1, 0), (2, 1))
+    assert not [f for f in (tmp_path / "p").iterdir() if f.name != "plan.json"]  # no temporary left behind
+    other = LoadedModel(cfg=dataclasses.replace(model.cfg, n_layers=2), params=None, tokenizer=None, source="x")
+    with pytest.raises(PlanError, match="n_layers=3"):
+        load_plan(path, other)
+    with pytest.raises(PlanError, match="n_kv_heads=2"):
+        load_plan(path, dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, n_kv_heads=1, n_heads=2)))
+    with pytest.raises(PlanError, match="sha256"):
+        load_plan(path, dataclasses.replace(model, sha256="0" * 64))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PlanError, match="corrupt"):
+        load_plan(str(tmp_path / "bad.json"), model)
+    with pytest.raises(ValueError, match="head out of range"):
+        save_plan(str(tmp_path / "x.json"), ((1, 5),), model)
+
+
+def test_head_similarity_of_identical_and_different_layers():
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(50, 3, 8))
+    v = rng.normal(size=(50, 3, 8))
+    k2 = k.copy()
+    k2[:, 2] = -k[:, 2]  # head 2 of layer 2 points the other way
+    sim = head_similarity([k, k, k2], [v, v, v])
+    assert sim["layers"] == [1, 2] and sim["tokens"] == 50 and sim["n_kv_heads"] == 3
+    np.testing.assert_allclose(sim["k_l1"][0], 0, atol=0)
+    np.testing.assert_allclose(sim["k_cos"][0], 1, atol=1e-12)
+    np.testing.assert_allclose(sim["v_l1"], 0, atol=0)
+    np.testing.assert_allclose(sim["k_cos"][1], [1, 1, -1], atol=1e-12)
+    np.testing.assert_allclose(sim["k_l1"][1][2], 2 * np.abs(k[:, 2]).mean(), rtol=1e-12)
+    np.testing.assert_allclose(sim["k_l1_rel"][1][2], 2.0, rtol=1e-12)
+    json.dumps(sim)  # JSON-able
+
+
+def constructed_table():
+    """3 layers x 2 heads; worse of K and V per head: (1,0) 0.1, (1,1) 0.5, (2,0) 0.3, (2,1) 0.05."""
+    return {"layers": [1, 2], "n_layers": 3, "n_kv_heads": 2, "head_dim": 8, "tokens": 10,
+            "k_l1": [[0.1, 0.2], [0.3, 0.05]], "v_l1": [[0.05, 0.5], [0.1, 0.01]],
+            "k_cos": [[0.99, 0.5], [0.9, 0.97]], "v_cos": [[0.95, 0.99], [0.8, 0.99]]}
+
+
+def test_make_plan_picks_the_right_heads():
+    sim = constructed_table()
+    assert make_plan(sim, threshold=0.1) == ((1, 0), (2, 1))
+    assert make_plan(sim, threshold=0.3) == ((1, 0), (2, 0), (2, 1))
+    assert make_plan(sim, n_heads=1) == ((2, 1),)
+    assert make_plan(sim, n_heads=3) == ((1, 0), (2, 0), (2, 1))
+    assert make_plan(sim, share=2 / 6) == ((1, 0), (2, 1))
+    assert make_plan(sim, share=0.3) == ((2, 1),)  # rounded down: 1.8 heads -> 1
+    # cosine: worse of K and V is (1,0) 0.95, (1,1) 0.5, (2,0) 0.8, (2,1) 0.97
+    assert make_plan(sim, threshold=0.9, metric="cosine") == ((1, 0), (2, 1))
+    assert make_plan(sim, n_heads=1, metric="cosine") == ((2, 1),)
+    assert make_plan(sim, n_heads=0) == ()
+    with pytest.raises(ValueError, match="exactly one"):
+        make_plan(sim, threshold=0.1, n_heads=2)
+    with pytest.raises(ValueError, match="cannot reuse 5"):
+        make_plan(sim, n_heads=5)
+    with pytest.raises(ValueError, match="metric"):
+        make_plan(sim, n_heads=1, metric="l2")
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+class CharTokenizer:
+    def encode(self, text):
+        return [ord(c) % 97 for c in text]
+
+
+def test_analyze_and_plan_cli_end_to_end(tmp_path, monkeypatch):
+    import train.reuse as cli
+
+    cfg = TINY["llama"]
+    model = LoadedModel(cfg=cfg, params=identical_layers(cfg, init_params(cfg, jax.random.PRNGKey(0), scale=0.3)),
+                        tokenizer=CharTokenizer(), source="tiny", sha256="f" * 64)
+    monkeypatch.setattr(cli, "_load_model", lambda name: model)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "analysis"
+    cli.main(["analyze", "--model", "tiny", "--data", str(text), "--windows", "3", "--context", "32",
+              "--batch", "2", "--out", str(out)])
+    sim = json.loads((out / "similarity.json").read_text())
+    assert sim["tokens"] == 3 * 32 and sim["model"]["sha256"] == "f" * 64 and sim["data"]["files"]
+    for key, _ in cli.HEATMAPS:
+        assert (out / f"similarity_{key}.png").stat().st_size > 1000
+    # every layer computes the same K and V
+    np.testing.assert_allclose(sim["k_l1"], 0, atol=1e-6)
+    np.testing.assert_allclose(sim["v_cos"], 1, atol=1e-5)
+    plan_path = tmp_path / "plan.json"
+    cli.main(["plan", "--similarity", str(out / "similarity.json"), "--model", "tiny", "--threshold", "1e-5",
+              "--out", str(plan_path)])
+    plan = load_plan(str(plan_path), model)
+    assert plan == ((1, 0), (1, 1), (2, 0), (2, 1))
+    cli.main(["plan", "--similarity", str(out / "similarity.json"), "--model", "tiny", "--share", "0.5",
+              "--metric", "cosine", "--out", str(plan_path)])
+    assert len(load_plan(str(plan_path), model)) == 3
+    monkeypatch.setattr(cli, "_load_model", lambda name: dataclasses.replace(model, sha256="0" * 64))
+    with pytest.raises(PlanError, match="sha256"):
+        cli.main(["plan", "--similarity", str(out / "similarity.json"), "--model", "tiny", "--heads", "1",
+                  "--out", str(plan_path)])
