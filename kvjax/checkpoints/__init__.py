@@ -10,6 +10,7 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from kvjax.config import ModelConfig
@@ -47,7 +48,7 @@ def load(model: str, dtype: str = "float32") -> LoadedModel:
         cfg = dataclasses.replace(cfg, name=model)
     from kvjax.models.params import check_params
     check_params(params, cfg, source=path)
-    params = __import__("jax").tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), params)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), params)
     return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=path, sha256=digest)
 
 
