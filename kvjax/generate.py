@@ -53,8 +53,23 @@ def _decode_step(params, cfg: ModelConfig, tokens, cache: Cache, *, method: Cach
     return logits[:, 0], cache
 
 
-prefill = jax.jit(_prefill, static_argnames=("cfg", "method", "all_logits"), donate_argnames=("cache",))
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "method", "all_logits"), donate_argnames=("cache",))
 decode_step = jax.jit(_decode_step, static_argnames=("cfg", "method"), donate_argnames=("cache",))
+
+
+def prefill(params, cfg: ModelConfig, tokens, cache: Cache, **kwargs):
+    """Jitted :func:`_prefill` behind checks of what is known before tracing (a window longer than the
+    cache would otherwise be clamped silently by the slot writes)."""
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"prefill tokens must be [batch, T] with T >= 1, got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] > cache.max_len:
+        raise ValueError(f"prefill of {tokens.shape[1]} tokens does not fit a cache of max_len={cache.max_len}")
+    if tokens.shape[0] != cache.batch:
+        raise ValueError(f"prefill batch {tokens.shape[0]} != cache batch {cache.batch}")
+    return _prefill_jit(params, cfg, tokens, cache, **kwargs)
+
+
+prefill.__doc__ = _prefill.__doc__
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -170,3 +170,14 @@ def test_clear_errors(tiny):
     with pytest.raises(ValueError, match="unknown architecture"):
         kvjax.ModelConfig(arch="falcon", vocab_size=1, d_model=1, n_layers=1, n_heads=1, n_kv_heads=1,
                           head_dim=1, d_ff=1, max_seq_len=1, norm_eps=1e-5)
+
+
+def test_prefill_refuses_what_would_be_clamped(tiny):
+    cfg, params = tiny
+    m = Dense()
+    with pytest.raises(ValueError, match="does not fit a cache of max_len=4"):
+        prefill(params, cfg, jnp.ones((1, 5), jnp.int32), m.init(cfg, 1, 4))
+    with pytest.raises(ValueError, match="T >= 1"):
+        prefill(params, cfg, jnp.ones((1, 0), jnp.int32), m.init(cfg, 1, 4))
+    with pytest.raises(ValueError, match="batch 2 != cache batch 1"):
+        prefill(params, cfg, jnp.ones((2, 3), jnp.int32), m.init(cfg, 1, 4))
