@@ -261,3 +261,13 @@ def test_sensitivity_sweep_and_plan():
     assert res["plan"][0]["layers"] == [min(inc, key=inc.get)]  # cheapest first
     assert [len(p["layers"]) for p in res["plan"]] == [1, 2, 3]
     assert res["plan"][-1]["kv_saved"] == 0.0  # full-width latents in float32 save nothing
+
+
+def test_pca_init_at_full_width_is_lossless(tmp_path):
+    """PCA over calibration K (pre-RoPE) and V with every component kept reconstructs exactly."""
+    trainer = run(tmp_path / "pca", init="pca", latent=TINY["llama"].kv_width)
+    res = trainer.evaluate(trainer.init_variables())
+    assert abs(res["eval_ppl"] / res["eval_ppl_dense"] - 1) < 1e-4
+    half = run(tmp_path / "pca2", init="pca", latent=TINY["llama"].kv_width // 4)
+    res2 = half.evaluate(half.init_variables())
+    assert abs(res2["eval_ppl"] / res2["eval_ppl_dense"] - 1) > 1e-3  # truncation is really in the path

@@ -162,6 +162,7 @@ class Trainer:
                                            pre_rope=tc.pre_rope, latent_v=self.latent_v)
         self.quant_method = dataclasses.replace(self.train_method, quant=True)
         self.n1 = tc.steps1 * len(self.layers)
+        self._dense_ppl = None
         self.total = self.n1 + tc.steps2
 
     # -- optimizers: stage 1 trains everything of the active layer; stage 2 encoders (or all)
@@ -193,20 +194,21 @@ class Trainer:
         return variables
 
     def calibration_rows(self, n_windows: int = 8):
-        """Per layer: (K rows before/after RoPE per ``pre_rope``, V rows) from a dense pass over training text."""
-        from kvjax.cache.dense import Dense
-        m = Dense()
-        tokens = jnp.asarray(self.train_windows[:n_windows])
-        cache = m.init(self.cfg, tokens.shape[0], tokens.shape[1])
-        _, cache = jax.jit(forward, static_argnames=("cfg", "method"))(self.params, self.cfg, tokens, cache, m)
-        pos = m.slot_positions(tokens.shape[0], tokens.shape[1])
+        """Per layer: (K rows, before RoPE when ``pre_rope``, and V rows) [N, K*D] from a dense pass over
+        training windows."""
+        from kvjax.reuse import collect_kv
+
+        windows = self.train_windows[:n_windows]
+        k_layers, v_layers = collect_kv(dataclasses.replace(self.model, params=self.params), windows)  # post-RoPE keys
+        w, t = windows.shape
+        pos = jnp.tile(jnp.arange(t, dtype=jnp.int32), (w, 1))
         rows = {}
         for l in self.layers:
-            k, v = cache.layers[l]["k"], cache.layers[l]["v"]
-            if self.tc.pre_rope and self.cfg.uses_rope:
-                k = rope(k, -pos, self.cfg.rope_theta)  # undo the rotation: R(-p) R(p) = I
+            k = k_layers[l]
+            if self.tc.pre_rope and self.cfg.uses_rope:  # undo the rotation: R(-p) R(p) = I
+                k = rope(jnp.asarray(k).reshape(w, t, self.cfg.n_kv_heads, -1), -pos, self.cfg.rope_theta)
             rows[l] = (np.asarray(k, np.float64).reshape(-1, self.cfg.kv_width),
-                       np.asarray(v, np.float64).reshape(-1, self.cfg.kv_width))
+                       np.asarray(v_layers[l], np.float64).reshape(-1, self.cfg.kv_width))
         return rows
 
     def make_step(self, tx, method):
@@ -235,33 +237,25 @@ class Trainer:
         return jax.jit(step, donate_argnums=(0, 1))
 
     def evaluate(self, variables) -> dict:
-        """Held-back perplexity through the real compressed cache (folded coders), and dense."""
+        """Held-back perplexity through the real compressed cache (folded coders), and dense (measured once)."""
+        from eval.perplexity import perplexity
         from kvjax.cache.dense import Dense
-        mparams = fold_variables(variables)
-        out = {}
-        for name, method, mp in (("dense", Dense(dtype=self.tc.dtype), None),
-                                 ("compressed", self.tc.method(), mparams)):
-            fn = self._eval_fns.get(name)
-            if fn is None:
-                fn = jax.jit(lambda p, t, mp, method=method: token_nll(
-                    forward(p, self.cfg, t, method.init(self.cfg, t.shape[0], t.shape[1], mp), method, mp)[0], t))
-                self._eval_fns[name] = fn
-            if name == "dense" and "dense" in self._dense_eval:
-                out[name] = self._dense_eval["dense"]
-                continue
-            nlls = [float(fn(self.params, jnp.asarray(self.eval_windows[i:i + self.tc.batch]), mp))
-                    * len(self.eval_windows[i:i + self.tc.batch]) for i in range(0, len(self.eval_windows), self.tc.batch)]
-            out[name] = math.exp(sum(nlls) / len(self.eval_windows))
-            if name == "dense":
-                self._dense_eval["dense"] = out[name]
-        return {"eval_ppl_dense": out["dense"], "eval_ppl": out["compressed"]}
+
+        ids = self.eval_windows.reshape(-1)  # contiguous windows: re-windowing gives the same ones
+
+        def ppl(method, mp):
+            return perplexity((self.params, self.cfg), ids, method, mp, context=self.tc.context,
+                              batch=self.tc.batch)["ppl"]
+
+        if self._dense_ppl is None:
+            self._dense_ppl = ppl(Dense(dtype=self.tc.dtype), None)
+        return {"eval_ppl_dense": self._dense_ppl, "eval_ppl": ppl(self.tc.method(), fold_variables(variables))}
 
     def run(self, resume: bool = False, stop_after: int | None = None):
         """Trains to the end (or to step ``stop_after``, as an interruption would); returns (method, mparams, history)."""
         from tqdm.auto import tqdm
         from train.checkpoint import CheckpointStore
 
-        self._eval_fns, self._dense_eval = {}, {}
         store = CheckpointStore(os.path.join(self.out_dir, "ckpt"), self.record())
         stage = tx = step_fn = opt_state = None
         step = 0
