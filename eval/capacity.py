@@ -3,11 +3,12 @@
 Budget = memory - parameter bytes (model + compressor, in the dtype loaded) - a stated reserve (for
 activations, logits, the XLA workspace). Memory sizes are GiB (2**30 bytes). For each method:
 
-* ``max_batch`` at ``--seq-len`` = floor(budget / (seq_len * bytes_per_token)), and
-* ``max_seq_len`` at ``--batch`` = floor(budget / (batch * bytes_per_token)) (also shown capped at the
+* ``max_batch`` at ``--seq-len`` = floor(budget / bytes of one sequence of seq_len tokens), and
+* ``max_seq_len`` at ``--batch`` = the longest length whose cache fits (also shown capped at the
   model's context length),
 
-from ``method.bytes_per_token(cfg)``, which is checked against the ``nbytes`` of the cache that
+from ``method.cache_nbytes(cfg, batch, len)`` (= bytes_per_token * batch * len for methods that store
+every token), which is checked against the ``nbytes`` of the cache that
 ``method.init`` would allocate (traced with ``jax.eval_shape``, nothing allocated): they must agree.
 
 ``--verify`` then allocates a cache of that size on the device, fills its lengths to the end and runs
@@ -41,21 +42,31 @@ def cache_nbytes(method, cfg, batch: int, seq_len: int, mparams=None) -> int:
 
 
 def plan(cfg, method, budget_bytes: int, seq_len: int, batch: int, mparams=None) -> dict:
-    """Exact capacity of one method in ``budget_bytes``; raises if bytes_per_token and cache.nbytes disagree."""
-    bpt = int(method.bytes_per_token(cfg))
+    """Exact capacity of one method in ``budget_bytes``; raises if ``method.cache_nbytes`` and the
+    ``nbytes`` of the cache ``method.init`` builds disagree."""
     probe_len = min(seq_len, cfg.max_seq_len)
     probe = cache_nbytes(method, cfg, 2, probe_len, mparams)
-    if probe != bpt * 2 * probe_len:
+    if probe != method.cache_nbytes(cfg, 2, probe_len):
         raise AssertionError(f"{method_spec(method)}: cache.nbytes={probe} for batch 2 x {probe_len} tokens, but "
-                             f"bytes_per_token={bpt} gives {bpt * 2 * probe_len}")
+                             f"method.cache_nbytes gives {method.cache_nbytes(cfg, 2, probe_len)}")
     budget = max(int(budget_bytes), 0)
-    max_batch = budget // (seq_len * bpt)
-    max_seq = budget // (batch * bpt)
-    return {"bytes_per_token": bpt, "max_batch": int(max_batch), "at_seq_len": seq_len,
-            "max_seq_len": int(max_seq), "max_seq_len_capped": int(min(max_seq, cfg.max_seq_len)),
+    per_seq = method.cache_nbytes(cfg, 1, seq_len)
+    max_batch = budget // per_seq
+    # longest sequence at ``batch``: bytes grow monotonically with the length (binary search; methods
+    # with a fixed budget stop growing, so the search is capped at 2**31 tokens)
+    lo, hi = 0, 1
+    while hi < 2 ** 31 and method.cache_nbytes(cfg, batch, hi) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if method.cache_nbytes(cfg, batch, mid) <= budget else (lo, mid)
+    max_seq = lo
+    bpt = method.bytes_per_token(cfg)
+    return {"bytes_per_token": bpt, "bytes_per_sequence_at_seq_len": int(per_seq), "max_batch": int(max_batch),
+            "at_seq_len": seq_len, "max_seq_len": int(max_seq), "max_seq_len_capped": int(min(max_seq, cfg.max_seq_len)),
             "model_max_seq_len": cfg.max_seq_len,
-            "at_batch": batch, "tokens_in_budget": int(budget // bpt),
-            "cache_bytes_at_max_batch": int(max_batch * seq_len * bpt)}
+            "at_batch": batch, "tokens_in_budget": int(budget // bpt) if bpt else None,
+            "cache_bytes_at_max_batch": int(max_batch * per_seq)}
 
 
 def verify(params, cfg, method, batch: int, seq_len: int, mparams=None, steps: int = 5, warmup: int = 2) -> dict:
@@ -127,9 +138,9 @@ def capacity(cfg, methods, *, memory_gb: float, seq_len: int, batch: int, param_
                 try:
                     row["verify"] = verify(params, cfg, method, b, s, mp)
                     row["confirmed"] = (not on_cpu) and row["verify"]["logits_finite"]
-                    if row["verify"]["cache_nbytes"] != b * s * row["bytes_per_token"]:
+                    if row["verify"]["cache_nbytes"] != method.cache_nbytes(cfg, b, s):
                         raise AssertionError(f"{spec}: allocated cache {row['verify']['cache_nbytes']} B "
-                                             f"!= {b} x {s} x {row['bytes_per_token']}")
+                                             f"!= method.cache_nbytes(cfg, {b}, {s})")
                 except (RuntimeError, MemoryError) as e:  # an out-of-memory on the device, recorded
                     row["verify"] = {"batch": b, "seq_len": s, "error": str(e).splitlines()[0][:300]}
             if on_cpu and "error" not in row["verify"]:

@@ -63,12 +63,20 @@ def method_spec(method) -> str:
     return method.name + (":" + ",".join(fields) if fields else "")
 
 
-def kv_record(method, cfg, dense_dtype: str) -> dict:
-    """Bytes per token of the method and of a dense cache in ``dense_dtype``; kv_saved = 1 - ratio."""
-    kv = int(method.bytes_per_token(cfg))
+def kv_record(method, cfg, dense_dtype: str, context: int | None = None) -> dict:
+    """Bytes per token of the method and of a dense cache in ``dense_dtype``; kv_saved = 1 - ratio.
+
+    ``context``: the number of tokens cached (the window), for methods whose bytes do not grow linearly
+    with it (eviction budgets, residual windows); the bytes are then ``cache_nbytes(cfg, 1, context) /
+    context``. Without it, the per-slot ``bytes_per_token``."""
+    kv = method.kv_bytes_per_token(cfg, context) if context else method.bytes_per_token(cfg)
+    kv = int(kv) if float(kv).is_integer() else float(kv)
     dense = int(Dense(dtype=dense_dtype).bytes_per_token(cfg))
-    return {"method": method_spec(method), "kv_bytes_per_token": kv, "dense_kv_bytes_per_token": dense,
-            "dense_dtype": dense_dtype, "kv_saved": 1.0 - kv / dense}
+    rec = {"method": method_spec(method), "kv_bytes_per_token": kv, "dense_kv_bytes_per_token": dense,
+           "dense_dtype": dense_dtype, "kv_saved": 1.0 - kv / dense}
+    if context:
+        rec["kv_bytes_at_context"] = context
+    return rec
 
 
 def device_record() -> dict:

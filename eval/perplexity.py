@@ -160,7 +160,8 @@ def perplexity(model, token_ids, method=None, mparams=None, *, context: int = 51
         "dropped_tail_tokens": int(ids.size - (starts[-1] + context)),
         "context": context, "stride": context if stride is None else int(stride), "protocol": protocol,
         "prefix": prefix if protocol == "continue" else None, "batch": bsz,
-        **kv_record(method, cfg, m.dtype), "kv_cache_bytes_per_window": int(per_window),
+        **kv_record(method, cfg, m.dtype, context=prefix if protocol == "continue" else context),
+        "kv_cache_bytes_per_window": int(per_window),
         **m.record(), **device_record(), "wall_s": wall, "date": now(),
     }
     return out

@@ -48,7 +48,7 @@ def test_method(tiny, name, level):
     tokens = jax.random.randint(jax.random.PRNGKey(1), (b, 8), 0, cfg.vocab_size)
     cache = method.init(cfg, b, s, mp)
     dense_bytes = Dense(dtype="float32").init(cfg, b, s).nbytes
-    assert cache.nbytes == method.bytes_per_token(cfg) * b * s
+    assert cache.nbytes == method.cache_nbytes(cfg, b, s)
     if name != "dense" or settings["dtype"] != "float32":
         assert cache.nbytes < dense_bytes
     full, cache = prefill(params, cfg, tokens, cache, method=method, mparams=mp, all_logits=True)

@@ -115,8 +115,20 @@ class CacheMethod:
 
     # --- accounting -------------------------------------------------------------------------------
     def bytes_per_token(self, cfg: ModelConfig) -> int:
-        """Bytes stored per token over all layers; ``cache.nbytes == bytes_per_token * B * max_len``."""
+        """Bytes stored per token slot over all layers (for methods whose cache grows with ``max_len``,
+        ``cache.nbytes == bytes_per_token * B * max_len``)."""
         return sum(self.layer_bytes_per_token(cfg, layer) for layer in range(cfg.n_layers))
+
+    def cache_nbytes(self, cfg: ModelConfig, batch: int, max_len: int) -> int:
+        """Exact physical bytes of ``init(cfg, batch, max_len)``: the accounting every report uses.
+
+        The default is ``bytes_per_token * batch * max_len``; methods with a fixed budget (eviction) or
+        fixed-size extra buffers (a full-precision residual window) override it."""
+        return self.bytes_per_token(cfg) * batch * max_len
+
+    def kv_bytes_per_token(self, cfg: ModelConfig, context: int) -> float:
+        """Bytes per token of context when ``context`` tokens are cached (``cache_nbytes / context``)."""
+        return self.cache_nbytes(cfg, 1, context) / context
 
     @staticmethod
     def rotate_keys(cfg: ModelConfig, k, positions):
