@@ -48,24 +48,30 @@ def gelu_new(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def attention(q, k, v, q_pos, k_pos=None):
+def attention(q, k, v, q_pos, k_pos=None, kv_layout: str = "bskd"):
     """Causal grouped-query attention over a cache.
 
-    q: [B, T, H, D] (already rotated), k, v: [B, S, K, D], q_pos: [B, T] absolute positions of the queries.
+    q: [B, T, H, D] (already rotated); k, v: [B, S, K, D] (``kv_layout="bskd"``) or head-major
+    [B, K, S, D] (``"bksd"``: the layout whose (B, K) batch dims lead, so XLA's batched matmuls read the
+    cache in place instead of transposing it first); q_pos: [B, T] absolute positions of the queries.
     k_pos: [B, S] positions of the keys, default ``arange(S)`` (slot s holds position s). A key is seen
     iff ``k_pos <= q_pos``; slots past a sequence's length hold stale data and are never seen, because
     every query of that sequence sits before them. Returns [B, T, H, D] in q's dtype.
     """
+    if kv_layout not in ("bskd", "bksd"):
+        raise ValueError(f"kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
     b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    s_axis, k_axis = (1, 2) if kv_layout == "bskd" else (2, 1)
+    s, kh = k.shape[s_axis], k.shape[k_axis]
     g = h // kh
+    kv = "bskd" if kv_layout == "bskd" else "bksd"
     if k_pos is None:
         k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     qg = q.reshape(b, t, kh, g, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
     mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
