@@ -43,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--loop-steps", type=int, default=16,
                     help="decode steps per jitted fori_loop for the loop columns (generate's way of decoding)")
+    ap.add_argument("--random-weights", action="store_true", help="SmolLM2-135M shapes with random weights")
+    ap.add_argument("--align", type=int, default=256, help="round the cache length up to a multiple of this")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -50,7 +52,16 @@ def main(argv=None):
     from bench.decode_profile import decode_loop_jit
     from kvjax.generate import decode_step, prefill
 
-    model = kvjax.load(args.model, dtype=args.dtype)
+    if args.random_weights:  # decode speed does not depend on weight values: no checkpoint needed
+        from bench.decode_profile import smollm2_config
+        from kvjax.checkpoints import LoadedModel
+        from kvjax.models.params import cast_params, init_params
+
+        cfg = smollm2_config()
+        model = LoadedModel(cfg=cfg, params=cast_params(init_params(cfg, jax.random.PRNGKey(0)), args.dtype),
+                            tokenizer=None, source="random")
+    else:
+        model = kvjax.load(args.model, dtype=args.dtype)
     cfg, params = model.cfg, model.params
     method, mparams = kvjax.parse_method(args.method), None
     if args.compressor:
@@ -67,7 +78,8 @@ def main(argv=None):
             tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, ctx)), jnp.int32)
             try:
                 def run_prefill():
-                    cache = method.init(cfg, b, ctx + 1 + args.loop_steps, mparams)
+                    max_len = -(-(ctx + 1 + args.loop_steps) // args.align) * args.align
+                    cache = method.init(cfg, b, max_len, mparams)
                     logits, cache = prefill(params, cfg, tokens, cache, method=method, mparams=mparams)
                     jax.block_until_ready(logits)
                     return cache
@@ -117,7 +129,7 @@ def main(argv=None):
                          "loop_vs_roofline": t_loop / roof})
             print(json.dumps(rows[-1]), flush=True)
     meta = {"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0].device_kind),
-            "jax": jax.__version__, "model": args.model, "method": args.method, "dtype": args.dtype,
+            "jax": jax.__version__, "model": args.model + (" (random weights)" if args.random_weights else ""), "method": args.method, "dtype": args.dtype,
             "hbm_bytes_per_s": HBM_BYTES_PER_S}
     lines = [f"# Model throughput ({meta['model']}, {meta['method']}, {meta['dtype']})", "",
              f"{meta['date']}, {meta['device']}, jax {meta['jax']}. Roofline of a decode step = (weights + KV read) "

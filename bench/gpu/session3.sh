@@ -18,6 +18,12 @@ for step in "$@"; do
       export PYTHONPATH=$PWD
       python3 -m bench.decode_profile --trace --out $OUT/profile 2>&1 | grep -v -E "slow_operation|Constant folding|^$"
       tar -C $OUT -cf $OUT/profile.tar profile && rm -rf $OUT/profile ;;
+    bench)  # decode speed of the dense cache variants (random weights: speed does not depend on values)
+      export PYTHONPATH=$PWD
+      for m in "dense:layout=bksd" "dense:layout=bskd" "dense:layout=bskd,kernel=pallas"; do
+        d=$OUT/mb_$(echo $m | tr ':=,' '___')
+        python3 -m bench.model_bench --random-weights --method $m --reps 5 --out $d 2>&1 | grep -E "^\|" ; done
+      tar -C $OUT -cf $OUT/model_bench.tar $(cd $OUT && ls -d mb_*) && rm -rf $OUT/mb_* ;;
     kernels1)
       export PYTHONPATH=$PWD
       python3 -m pallas_kernels.decompress_attention.bench --layers smollm2 --time-budget-s 480 --out $OUT/kernels_smollm2 2>&1 | tail -60 ;;

@@ -27,10 +27,15 @@ class Dense(CacheMethod):
     name = "dense"
     dtype: str = "float32"
     layout: str = "bskd"
+    kernel: str = "xla"  # decode attention (one new token): "xla" or "pallas" (jax's split-K decode kernel)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"dense layout={self.layout!r}; choose one of {LAYOUTS}")
+        if self.kernel not in ("xla", "pallas"):
+            raise ValueError(f"dense kernel={self.kernel!r}; choose xla or pallas")
+        if self.kernel == "pallas" and self.layout != "bskd":
+            raise ValueError("dense kernel=pallas reads the [B, S, K, D] layout: use layout=bskd")
 
     def init_layer(self, cfg, layer, batch, max_len):
         k, d = cfg.n_kv_heads, cfg.head_dim
@@ -52,6 +57,12 @@ class Dense(CacheMethod):
 
     def attend(self, params, cfg, cache, layer, q, positions):
         state = cache.layers[layer]
+        if self.kernel == "pallas" and q.shape[1] == 1:
+            from pallas_kernels.decompress_attention.api import dense_attend
+
+            out = dense_attend(q[:, 0], state["k"].astype(q.dtype), state["v"].astype(q.dtype), positions[:, 0] + 1,
+                               implementation="pallas")
+            return out[:, None]
         k, v = state["k"].astype(q.dtype), state["v"].astype(q.dtype)
         if self.layout == "bksd" and q.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
             # XLA:CPU sometimes lowers the head-major bf16 x bf16 -> f32 batched dot to a thunk that
