@@ -22,11 +22,13 @@ skips the cells already finished (a failed cell is recorded in the report and tr
 Outputs in ``OUT``: ``results.json``, ``results.md`` (tables with date and device), ``ppl_vs_saved_*.png``
 (KV memory saved vs perplexity, Pareto front marked) and ``capacity.png``.
 
-External results (e.g. a peer library's run) are JSON files holding one result object, a list of them,
-or ``{"results": [...]}``. Each needs a ``library`` field (the marker on the plots), ``method``, and for
-the perplexity plot ``ppl`` and ``kv_saved``; where they carry ``dataset``, ``protocol``, ``context`` or
-``prefix`` those must equal the perplexity task's for the point to join its plot (a comparison is fair
-only under the same protocol and tokens).
+External results (e.g. a peer library's run: ``python -m eval.peers kvpress --out DIR``) are JSON files
+holding one result object, a list of them, or ``{"results": [...]}``, or a folder of such files (every
+``*.json`` in it, in name order). Each needs a ``library`` field (the marker on the plots), ``method``, and
+for the perplexity plot ``ppl`` and ``kv_saved``; where a row and the task's own cells both carry
+``dataset``, ``protocol``, ``context``, ``prefix`` or ``tokens`` (the number of scored tokens) those must be
+equal for the point to join the task's table and plot (a comparison is fair only under the same protocol and
+tokens).
 
 Command line::
 
@@ -46,7 +48,7 @@ import traceback
 
 from eval.common import device_record, encode_no_bos, method_spec, now, write_json
 
-MATCH_KEYS = ("dataset", "protocol", "context", "prefix")
+MATCH_KEYS = ("dataset", "protocol", "context", "prefix", "tokens")
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -195,8 +197,14 @@ def run_grid(grid: dict, out_dir, model=None, data_dir=None, progress: bool = Fa
 
 
 def load_external(path) -> list[dict]:
-    """Result rows from an external JSON file; each must name its ``library``."""
+    """Result rows from an external JSON file, or from every ``*.json`` of a folder (name order); each row
+    must name its ``library``."""
     p = pathlib.Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.json") if not f.name.startswith("."))
+        if not files:
+            raise ValueError(f"{p}: external results folder holds no .json file")
+        return [row for f in files for row in load_external(f)]
     try:
         obj = json.loads(p.read_text())
     except FileNotFoundError:
@@ -241,7 +249,7 @@ def _task_rows(results: dict, task: dict) -> list[dict]:
              for m in results["grid"].get("methods", ["dense"])}
     rows = [c for c in results["cells"] if c.get("cell") in names]
     if task["task"] == "perplexity":
-        ref = {**_ppl_group(task), **({"dataset": rows[0].get("dataset")} if rows and "dataset" in rows[0] else {})}
+        ref = {**_ppl_group(task), **{k: rows[0][k] for k in ("dataset", "tokens") if rows and k in rows[0]}}
         rows += [r for r in results["external"] if "ppl" in r and r.get("task", "perplexity") == "perplexity"
                  and _matches(r, ref)]
     return rows
