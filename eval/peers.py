@@ -290,26 +290,87 @@ def batch_nll(model, tokens, prefix: int, press=None, cache=None):
     import torch
     from transformers import DynamicCache
 
-    b, c = tokens.shape
     cache = DynamicCache() if cache is None else cache
     with torch.inference_mode():
         with press(model) if press is not None else contextlib.nullcontext():
             head = model(input_ids=tokens[:, :prefix], past_key_values=cache, logits_to_keep=1).logits[:, -1]
         held = cache_storage_bytes(cache)
-        # true positions for RoPE; the mask follows the (possibly shorter) cache, as kvpress's pipeline does
-        pos = torch.arange(prefix, c).unsqueeze(0).expand(b, -1)
-        tail = model(input_ids=tokens[:, prefix:], past_key_values=cache, position_ids=pos).logits
-        logits = torch.cat([head[:, None], tail[:, :-1]], dim=1).double()  # [B, C-P, V]
-        targets = tokens[:, prefix:]
-        nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
+        nll = _continue_nll(model, tokens, prefix, head, cache)
     return nll, held
 
 
-def run_job(job: Job, model, ids: np.ndarray, *, context: int, prefix: int, batch: int = 8,
-            max_windows: int | None = None, partial_path: str | os.PathLike | None = None, log=None) -> dict:
-    """Scores ``ids`` (1-D, no BOS) under the protocol with one job. Returns running sums and accounting:
-    nll_sum, tokens, windows, kv_held (bytes after the first batch's prefill), kv_held_tokens (B*P of that
-    batch), wall_s. With ``partial_path`` the sums are saved after every batch and resumed from there."""
+def batch_nll_shared(model, tokens, prefix: int, jobs: list[Job]) -> dict:
+    """:func:`batch_nll` of several jobs from one prefill: returns {job: (nll, bytes held after the prefill)}.
+
+    A kvpress press compresses a layer's cache after that layer's attention has run, so the prefill's hidden
+    states, and the K/V each press compresses, are the same for every press and for dense. Here one prefill
+    runs with a hook on every attention layer that hands each press its ``compress`` inputs (as kvpress's
+    ``BasePress.forward_hook`` does) and keeps each result; each job's cache is then built from those K/V
+    (``cache.update``: a QuantizedCache quantizes the whole prefill there, as in its own prefill) and the
+    continuation runs once per job. Same numbers as one run per job (tested), for one prefill per batch."""
+    import torch
+    from transformers import DynamicCache
+
+    presses = {j: make_press(j) for j in jobs if j.method in PRESSES}
+    for press in presses.values():
+        press.post_init_from_model(model)
+    kept = {j: {} for j in presses}
+    dense = DynamicCache()
+
+    def hook(module, args, kwargs, output):
+        layer = dense.layers[module.layer_idx]
+        for j, press in presses.items():
+            kept[j][module.layer_idx] = press.compress(module, kwargs["hidden_states"], layer.keys, layer.values,
+                                                       output[1], kwargs)
+        return output
+
+    lm = model.model
+    handles = []
+    with torch.inference_mode():
+        try:
+            for layer in lm.layers:
+                layer.self_attn.rotary_emb = lm.rotary_emb  # as kvpress's BasePress.__call__
+                handles.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+            head = model(input_ids=tokens[:, :prefix], past_key_values=dense, logits_to_keep=1).logits[:, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for j in sorted(jobs, key=lambda j: j.method == "dense"):  # dense last: its continuation grows `dense`
+            if j.method == "dense":
+                cache = dense
+            else:
+                cache = make_cache(j, model.config)
+                for i, layer in enumerate(dense.layers):
+                    k, v = kept[j][i] if j in presses else (layer.keys, layer.values)
+                    cache.update(k, v, i)
+            held = cache_storage_bytes(cache)
+            out[j] = (_continue_nll(model, tokens, prefix, head, cache), held)
+    return out
+
+
+def _continue_nll(model, tokens, prefix, head, cache):
+    """NLL of tokens prefix..C-1: the first from the prefill's last logits ``head`` [B, V], the rest from one
+    teacher-forced forward of tokens prefix..C-1 over ``cache``. Returns [B, C-prefix] float64."""
+    import torch
+    b, c = tokens.shape
+    # true positions for RoPE; the mask follows the (possibly shorter) cache, as kvpress's pipeline does
+    pos = torch.arange(prefix, c).unsqueeze(0).expand(b, -1)
+    tail = model(input_ids=tokens[:, prefix:], past_key_values=cache, position_ids=pos).logits
+    logits = torch.cat([head[:, None], tail[:, :-1]], dim=1).double()  # [B, C-P, V]
+    targets = tokens[:, prefix:]
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
+
+
+def run_jobs(jobs: list[Job], model, ids: np.ndarray, *, context: int, prefix: int, batch: int = 8,
+             max_windows: int | None = None, partial_dir: str | os.PathLike | None = None, shared: bool = False,
+             log=None) -> dict:
+    """Scores ``ids`` (1-D, no BOS) under the protocol with each job: one run per job, or with ``shared``
+    one prefill per batch for all of them (:func:`batch_nll_shared`). Returns {job: state}, each state
+    holding nll_sum, tokens, windows_total, done, kv_held (bytes after the first batch's prefill),
+    kv_held_tokens (B*P of that batch), wall_s (the shared prefill's time is counted in every job).
+    With ``partial_dir`` each job's state is saved after every batch as ``.partial-<job>.json`` and a
+    later call resumes from it."""
     import torch
     from kvjax.jsonio import read_json
     from eval.common import write_json
@@ -319,33 +380,52 @@ def run_job(job: Job, model, ids: np.ndarray, *, context: int, prefix: int, batc
         raise AssertionError("plan_windows no longer scores exactly predictions prefix..context-1")
     if max_windows is not None:
         starts = starts[:max_windows]
-    state = {"job": job.name, "context": context, "prefix": prefix, "windows_total": int(len(starts)),
-             "done": 0, "nll_sum": 0.0, "tokens": 0, "kv_held": None, "kv_held_tokens": None, "wall_s": 0.0}
-    if partial_path and os.path.exists(partial_path):
-        old = read_json(partial_path)
-        if all(old.get(k) == state[k] for k in ("job", "context", "prefix", "windows_total")):
-            state = old
-            if log:
-                log(f"[eval.peers] {job.name}: resuming at window {state['done']}/{len(starts)}")
-    press = make_press(job)
+    states, paths = {}, {}
+    for job in jobs:
+        state = {"job": job.name, "context": context, "prefix": prefix, "windows_total": int(len(starts)), "done": 0,
+                 "nll_sum": 0.0, "tokens": 0, "kv_held": None, "kv_held_tokens": None, "wall_s": 0.0}
+        paths[job] = None if partial_dir is None else pathlib.Path(partial_dir) / f".partial-{job.name}.json"
+        if paths[job] is not None and paths[job].exists():
+            old = read_json(paths[job])
+            if all(old.get(k) == state[k] for k in ("job", "context", "prefix", "windows_total")):
+                state = old
+                if log:
+                    log(f"[eval.peers] {job.name}: resuming at window {state['done']}/{len(starts)}")
+        states[job] = state
     ids64 = np.asarray(ids, np.int64)
-    while state["done"] < len(starts):
-        t0 = time.perf_counter()
-        s = starts[state["done"]: state["done"] + batch]
+    while True:
+        pending = [j for j in jobs if states[j]["done"] < len(starts)]
+        if not pending:
+            break
+        first = min(states[j]["done"] for j in pending)
+        group = [j for j in pending if states[j]["done"] == first] if shared else [pending[0]]
+        s = starts[first: first + batch]
         tok = torch.as_tensor(ids64[s[:, None] + np.arange(context)[None, :]])
-        nll, held = batch_nll(model, tok, prefix, press, make_cache(job, model.config))
-        if state["kv_held"] is None:
-            state["kv_held"], state["kv_held_tokens"] = int(held), int(len(s) * prefix)
-        state["nll_sum"] += float(nll.sum())
-        state["tokens"] += int(nll.numel())
-        state["done"] += int(len(s))
-        state["wall_s"] += time.perf_counter() - t0
-        if partial_path:
-            write_json(partial_path, state)
-        if log:
-            log(f"[eval.peers] {job.name}: {state['done']}/{len(starts)} windows, ppl "
-                f"{math.exp(state['nll_sum'] / state['tokens']):.4f}, {state['wall_s']:.0f}s")
-    return state
+        t0 = time.perf_counter()
+        if shared:
+            res = batch_nll_shared(model, tok, prefix, group)
+        else:
+            res = {group[0]: batch_nll(model, tok, prefix, make_press(group[0]), make_cache(group[0], model.config))}
+        dt = time.perf_counter() - t0
+        for job, (nll, held) in res.items():
+            st = states[job]
+            if st["kv_held"] is None:
+                st["kv_held"], st["kv_held_tokens"] = int(held), int(len(s) * prefix)
+            st["nll_sum"] += float(nll.sum())
+            st["tokens"] += int(nll.numel())
+            st["done"] += int(len(s))
+            st["wall_s"] += dt
+            if paths[job] is not None:
+                write_json(paths[job], st)
+            if log:
+                log(f"[eval.peers] {job.name}: {st['done']}/{len(starts)} windows, ppl "
+                    f"{math.exp(st['nll_sum'] / st['tokens']):.4f}, {st['wall_s']:.0f}s")
+    return states
+
+
+def run_job(job: Job, model, ids: np.ndarray, **kw) -> dict:
+    """:func:`run_jobs` for one job; returns its state."""
+    return run_jobs([job], model, ids, **kw)[job]
 
 
 def expected_bytes_per_token(job: Job, cfg, prefix: int, itemsize: int = 4) -> float:
@@ -380,6 +460,8 @@ def main(argv=None):
                     help="attention kernel (ObservedAttention needs eager attention weights)")
     ap.add_argument("--out", required=True, help="folder: one JSON per (method, ratio)")
     ap.add_argument("--force", action="store_true", help="re-run jobs whose JSON exists")
+    ap.add_argument("--shared-prefill", action="store_true",
+                    help="one prefill per batch for all pending jobs (same numbers, ~3x less work for 10 jobs)")
     args = ap.parse_args(argv)
     try:
         jobs = parse_jobs(args.methods, args.ratios)
@@ -392,7 +474,7 @@ def main(argv=None):
     import torch
     import kvjax
     from eval import data
-    from eval.common import encode_no_bos, write_json
+    from eval.common import encode_no_bos
     from kvjax.cache.dense import Dense
 
     def log(msg):
@@ -423,38 +505,48 @@ def main(argv=None):
                          f"{got}, kvjax as {(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size)}")
     dense_bpt = int(Dense(dtype="float32").bytes_per_token(cfg))
     results = []
-    for job in todo:
+    groups = [todo] if args.shared_prefill else [[j] for j in todo]
+    for group in groups:
         t0 = time.perf_counter()
-        state = run_job(job, model, ids, context=args.context, prefix=args.prefix, batch=args.batch,
-                        max_windows=args.max_windows, partial_path=out / f".partial-{job.name}.json", log=log)
-        measured = state["kv_held"] / state["kv_held_tokens"]
-        expected = expected_bytes_per_token(job, cfg, args.prefix)
-        if not math.isclose(measured, expected, rel_tol=1e-9):
-            log(f"[eval.peers] WARNING {job.name}: the cache held {measured:.2f} B/prefix token, the arithmetic "
-                f"says {expected:.2f}")
-        windows = state["windows_total"]
-        rec = make_record(job, nll_sum=state["nll_sum"], tokens=state["tokens"], windows=windows,
-                          input_tokens=int(ids.size), used_tokens=int(ids.size), context=args.context,
-                          prefix=args.prefix, batch=args.batch, kv_bytes_per_token=measured,
-                          dense_kv_bytes_per_token=dense_bpt, dense_dtype="float32", model=model_rec,
-                          wall_s=state["wall_s"], device=model.device.type, extra={
-                              **text.record(), "press": PRESSES[job.method].cls if job.method in PRESSES else None,
-                              "quant_bits": QUANTO.get(job.method),
-                              "quant_group": QUANTO_GROUP if job.method in QUANTO else None,
-                              "quant_residual": QUANTO_RESIDUAL if job.method in QUANTO else None,
-                              "kv_bytes_expected_per_token": expected, "attn_implementation": args.attn,
-                              "torch_threads": torch.get_num_threads(), "versions": versions(),
-                              "max_windows": args.max_windows, "peer": args.peer,
-                              "total_wall_s": time.perf_counter() - t0})
-        if args.max_windows is not None:  # the text the windows cover, as eval.perplexity's --max-tokens
-            rec["used_tokens"] = windows * args.context
-            rec["dropped_tail_tokens"] = 0
-        write_json(out / f"{job.name}.json", rec)
-        (out / f".partial-{job.name}.json").unlink(missing_ok=True)
-        log(f"[eval.peers] {job.label}: ppl {rec['ppl']:.4f} over {rec['tokens']:,} tokens ({windows} windows); "
-            f"KV {rec['kv_bytes_per_token']:.1f} B/token, saved {100 * rec['kv_saved']:.1f}%; {state['wall_s']:.0f}s")
-        results.append(rec)
+        states = run_jobs(group, model, ids, context=args.context, prefix=args.prefix, batch=args.batch,
+                          max_windows=args.max_windows, partial_dir=out, shared=args.shared_prefill, log=log)
+        for job in group:
+            results.append(_finish(job, states[job], out, args, cfg, ids, text, model, model_rec, dense_bpt,
+                                   time.perf_counter() - t0, log))
     return results
+
+
+def _finish(job, state, out, args, cfg, ids, text, model, model_rec, dense_bpt, total_wall, log) -> dict:
+    """Writes one finished job's JSON and drops its partial file; returns the record."""
+    import torch
+    from eval.common import write_json
+    measured = state["kv_held"] / state["kv_held_tokens"]
+    expected = expected_bytes_per_token(job, cfg, args.prefix)
+    if not math.isclose(measured, expected, rel_tol=1e-9):
+        log(f"[eval.peers] WARNING {job.name}: the cache held {measured:.2f} B/prefix token, the arithmetic "
+            f"says {expected:.2f}")
+    windows = state["windows_total"]
+    rec = make_record(job, nll_sum=state["nll_sum"], tokens=state["tokens"], windows=windows,
+                      input_tokens=int(ids.size), used_tokens=int(ids.size), context=args.context,
+                      prefix=args.prefix, batch=args.batch, kv_bytes_per_token=measured,
+                      dense_kv_bytes_per_token=dense_bpt, dense_dtype="float32", model=model_rec,
+                      wall_s=state["wall_s"], device=model.device.type, extra={
+                          **text.record(), "press": PRESSES[job.method].cls if job.method in PRESSES else None,
+                          "quant_bits": QUANTO.get(job.method),
+                          "quant_group": QUANTO_GROUP if job.method in QUANTO else None,
+                          "quant_residual": QUANTO_RESIDUAL if job.method in QUANTO else None,
+                          "kv_bytes_expected_per_token": expected, "attn_implementation": args.attn,
+                          "torch_threads": torch.get_num_threads(), "versions": versions(),
+                          "max_windows": args.max_windows, "peer": args.peer,
+                          "total_wall_s": total_wall})
+    if args.max_windows is not None:  # the text the windows cover, as eval.perplexity's --max-tokens
+        rec["used_tokens"] = windows * args.context
+        rec["dropped_tail_tokens"] = 0
+    write_json(out / f"{job.name}.json", rec)
+    (out / f".partial-{job.name}.json").unlink(missing_ok=True)
+    log(f"[eval.peers] {job.label}: ppl {rec['ppl']:.4f} over {rec['tokens']:,} tokens ({windows} windows); "
+        f"KV {rec['kv_bytes_per_token']:.1f} B/token, saved {100 * rec['kv_saved']:.1f}%; {state['wall_s']:.0f}s")
+    return rec
 
 
 if __name__ == "__main__":

@@ -336,7 +336,7 @@ def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Pa
             ax.scatter([100 * pts[i][0] for i in idx], [pts[i][1] for i in idx], marker=markers[li % len(markers)],
                        label=lib, zorder=3)
             for i in idx:
-                ax.annotate(str(rows[i]["label"])[:28], (100 * pts[i][0], pts[i][1]), fontsize=7,
+                ax.annotate(str(rows[i]["label"])[:34], (100 * pts[i][0], pts[i][1]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
         ax.plot([100 * pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, zorder=2,
                 label="Pareto front")

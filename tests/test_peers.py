@@ -177,14 +177,25 @@ def test_peer_methods_store_what_the_arithmetic_says(hf_tiny, job):
 def test_peer_run_job_resumes_from_partial(hf_tiny, tmp_path):
     ids = np.random.RandomState(2).randint(0, 97, 40 * 3 + 5)
     job = peers.Job("knorm", 0.5)
-    whole = peers.run_job(job, hf_tiny, ids, context=40, prefix=24, batch=1)
-    part = tmp_path / "p.json"
-    peers.run_job(job, hf_tiny, ids, context=40, prefix=24, batch=1, max_windows=None, partial_path=part)
+    whole = peers.run_job(job, hf_tiny, ids, context=40, prefix=24, batch=1, partial_dir=tmp_path)
+    part = tmp_path / ".partial-knorm-r0.5.json"
     state = json.loads(part.read_text())
-    assert state["done"] == 3 and state["tokens"] == 3 * 16
+    assert state["done"] == 3 and state["tokens"] == 3 * 16 and state["nll_sum"] == whole["nll_sum"]
     # a run stopped after one window resumes from the partial file and ends with the same sums
     first = peers.run_job(job, hf_tiny, ids[: 40 + 5], context=40, prefix=24, batch=1)
     part.write_text(json.dumps({**first, "windows_total": 3}))
-    resumed = peers.run_job(job, hf_tiny, ids, context=40, prefix=24, batch=1, partial_path=part)
+    resumed = peers.run_job(job, hf_tiny, ids, context=40, prefix=24, batch=1, partial_dir=tmp_path)
     assert resumed["done"] == 3 and resumed["tokens"] == whole["tokens"]
     assert resumed["nll_sum"] == pytest.approx(whole["nll_sum"], rel=1e-9)
+
+
+@needs_peer
+def test_shared_prefill_equals_one_run_per_job(hf_tiny):
+    hf_tiny.set_attn_implementation("eager")
+    ids = np.random.RandomState(3).randint(0, 97, 40 * 3)
+    jobs = peers.parse_jobs("dense,knorm@0.5,observed_attention@0.75,tova@0.5,streaming_llm@0.5,quanto-int4")
+    shared = peers.run_jobs(jobs, hf_tiny, ids, context=40, prefix=24, batch=2, shared=True)
+    for job in jobs:
+        alone = peers.run_job(job, hf_tiny, ids, context=40, prefix=24, batch=2)
+        assert shared[job]["tokens"] == alone["tokens"] == 3 * 16 and shared[job]["kv_held"] == alone["kv_held"]
+        assert shared[job]["nll_sum"] == pytest.approx(alone["nll_sum"], rel=1e-9), job.name
