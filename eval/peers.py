@@ -191,6 +191,13 @@ def cache_storage_bytes(cache) -> int:
     return total
 
 
+def window_bytes(kv_bytes_per_token: float, dense_bpt: float, context: int, prefix: int) -> float:
+    """Bytes a peer's cache holds for one window at its end: the prefix as the method stores it, the
+    ``context - prefix`` continuation tokens in full precision (presses compress only the prefill; the
+    QuantizedCache keeps them in its residual)."""
+    return kv_bytes_per_token * prefix + dense_bpt * (context - prefix)
+
+
 # ---------------------------------------------------------------------------------------------- records
 RECORD_KEYS = ("ppl", "nll", "nll_sum", "tokens", "windows", "input_tokens", "used_tokens", "dropped_tail_tokens",
                "context", "stride", "protocol", "prefix", "batch", "method", "kv_bytes_per_token",
@@ -217,9 +224,11 @@ def make_record(job: Job, *, nll_sum: float, tokens: int, windows: int, input_to
            "protocol": "continue", "prefix": prefix, "batch": batch, "method": job.spec,
            "kv_bytes_per_token": kv, "dense_kv_bytes_per_token": int(dense_kv_bytes_per_token),
            "dense_dtype": dense_dtype, "kv_saved": 1.0 - kv / dense_kv_bytes_per_token,
-           "kv_bytes_at_context": prefix, "kv_cache_bytes_per_window": kv * prefix, **model,
+           "kv_bytes_at_context": prefix, "kv_cache_bytes_per_window": window_bytes(kv, dense_kv_bytes_per_token,
+                                                                                      context, prefix), **model,
            "device_kind": device, "platform": device, "device_count": 1, "wall_s": wall_s, "date": now(),
-           "task": "perplexity", "library": job.library, "label": job.label, "peer_method": job.method, "ratio": job.ratio}
+           "task": "perplexity", "library": job.library, "label": job.label, "peer_method": job.method,
+           "ratio": job.ratio}
     out.update(extra or {})
     return out
 
@@ -418,8 +427,9 @@ def run_jobs(jobs: list[Job], model, ids: np.ndarray, *, context: int, prefix: i
             if paths[job] is not None:
                 write_json(paths[job], st)
             if log:
+                eta = st["wall_s"] / st["done"] * (len(starts) - st["done"]) if st["done"] else 0.0
                 log(f"[eval.peers] {job.name}: {st['done']}/{len(starts)} windows, ppl "
-                    f"{math.exp(st['nll_sum'] / st['tokens']):.4f}, {st['wall_s']:.0f}s")
+                    f"{math.exp(st['nll_sum'] / st['tokens']):.4f}, {st['wall_s']:.0f}s, ~{eta / 60:.0f} min left")
     return states
 
 

@@ -204,7 +204,7 @@ def load_external(path) -> list[dict]:
         files = sorted(f for f in p.glob("*.json") if not f.name.startswith("."))
         if not files:
             raise ValueError(f"{p}: external results folder holds no .json file")
-        return [row for f in files for row in load_external(f)]
+        return [{**row, "external_source": str(p)} for f in files for row in load_external(f)]
     try:
         obj = json.loads(p.read_text())
     except FileNotFoundError:
@@ -220,7 +220,7 @@ def load_external(path) -> list[dict]:
             raise ValueError(f"{p}: result {i} has no 'library' field (which library produced it?)")
         if "method" not in r:
             raise ValueError(f"{p}: result {i} has no 'method' field")
-        out.append({**r, "external_file": str(p), "label": r.get("label") or r["method"]})
+        out.append({**r, "external_file": str(p), "external_source": str(p), "label": r.get("label") or r["method"]})
     return out
 
 
@@ -294,8 +294,8 @@ def markdown(results: dict, tasks: list[dict]) -> str:
                              f" | {_fmt(tps, '.1f')} |")
         lines.append("")
     if results["external"]:
-        lines += ["External results: " + ", ".join(sorted({f"{r['library']} ({r['external_file']})"
-                                                           for r in results["external"]})), ""]
+        sources = {f"{r['library']} ({r.get('external_source', r['external_file'])})" for r in results["external"]}
+        lines += ["External results: " + ", ".join(sorted(sources)), ""]
     return "\n".join(lines)
 
 
