@@ -330,14 +330,29 @@ def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Pa
         pts = [(float(r["kv_saved"]), float(r["ppl"])) for r in rows]
         front = pareto_front(pts)
         libs = sorted({r["library"] for r in rows}, key=lambda x: (x != "kvjax", x))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 5))
         for li, lib in enumerate(libs):
             idx = [i for i, r in enumerate(rows) if r["library"] == lib]
             ax.scatter([100 * pts[i][0] for i in idx], [pts[i][1] for i in idx], marker=markers[li % len(markers)],
                        label=lib, zorder=3)
+            families: dict = {}  # a peer method at several ratios: one line, named in the legend
             for i in idx:
-                ax.annotate(str(rows[i]["label"])[:34], (100 * pts[i][0], pts[i][1]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                if rows[i].get("peer_method") and rows[i].get("ratio") is not None:
+                    families.setdefault(rows[i]["peer_method"], []).append(i)
+                else:
+                    ax.annotate(str(rows[i]["label"])[:34], (100 * pts[i][0], pts[i][1]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+            for fam, fi in sorted(families.items()):
+                fi = sorted(fi, key=lambda i: pts[i][0])
+                name = str(rows[fi[0]]["label"]).rsplit(" r=", 1)[0]
+                ax.plot([100 * pts[i][0] for i in fi], [pts[i][1] for i in fi], lw=1, alpha=0.7, zorder=2,
+                        marker=markers[li % len(markers)], ms=4, label=f"{lib}: {name}")
+        if max(p for _, p in pts) > 3 * min(p for _, p in pts):  # one runaway point must not flatten the rest
+            from matplotlib.ticker import ScalarFormatter
+            ax.set_yscale("log")
+            for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_fmt(ScalarFormatter())
+            ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.plot([100 * pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, zorder=2,
                 label="Pareto front")
         ax.scatter([100 * pts[i][0] for i in front], [pts[i][1] for i in front], s=120, facecolors="none",
@@ -348,7 +363,7 @@ def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Pa
         ax.set_title(f"{rows[0].get('dataset', task.get('dataset', ''))} · {g['protocol']} ctx={g['context']}"
                      + (f" prefix={g['prefix']}" if g["prefix"] else "") + f"\n{stamp}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         name = out / f"ppl_vs_saved_{task_slug(task)}.png"
         fig.savefig(name, dpi=120)
