@@ -2,8 +2,8 @@
 
 ``python -m eval.peers kvpress`` loads the same model file through ``transformers`` (its GGUF loader
 dequantizes the SmolLM2 file to float32), scores the same token ids as :mod:`eval.perplexity` (kvjax's
-tokenizer: the transformers tokenizer built from the GGUF lacks the digit-splitting pre-tokenizer of its
-``smollm`` type) in the same windows (:func:`eval.perplexity.plan_windows`), and writes one JSON per
+tokenizer; the one transformers 5.2.0 builds from the GGUF gives other ids at 2 of the 303,415 positions of
+WikiText-2 test, and its pre-tokenizer is not the GGUF's ``smollm`` type) in the same windows (:func:`eval.perplexity.plan_windows`), and writes one JSON per
 (method, ratio) in eval.perplexity's schema, so ``eval.report`` puts both libraries on one plot.
 
 Protocol (compress-then-continue, ``--protocol continue --prefix P`` of eval.perplexity): each window of
@@ -25,8 +25,10 @@ must equal the arithmetic of :func:`press_bytes_per_token` / :func:`quanto_bytes
 * QuantizedCache stores packed int4 / int2 codes and, per group of 64 values, a scale and a zero point in
   the model's dtype (float32 here), both counted. Its residual (up to 128 most recent tokens kept in full
   precision) holds none of the prefix: transformers quantizes the whole prefill at once, and only the
-  continuation's tokens enter the residual (they are not counted for any method).
+  continuation's tokens enter the residual. ``kv_cache_bytes_per_window`` adds those ``context - P``
+  full-precision continuation tokens (every peer method holds them dense); ``kv_bytes_per_token`` does not.
 
+``--shared-prefill`` scores every pending job from one prefill per batch (see :func:`batch_nll_shared`).
 Jobs are resumable: a finished (method, ratio) JSON is skipped, and a job in progress saves its running
 sums after every batch (``.partial-*.json``) and continues from there when started again.
 
