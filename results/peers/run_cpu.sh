@@ -9,10 +9,8 @@ export PYTHONPATH=.
 # 1) the first 8 windows, one run per job: every press at 0.5 / 0.75 / 0.875 and both quantized caches
 "$PY" -m eval.peers kvpress --max-windows 8 --out results/peers/wikitext2-8win \
   --methods dense,snapkv,observed_attention,expected_attention,tova,streaming_llm,knorm,quanto-int4,quanto-int2
-# 2) check: the same 8 windows with one shared prefill per batch (must equal 1)
-"$PY" -m eval.peers kvpress --max-windows 8 --out results/peers/wikitext2-8win-shared --shared-prefill \
-  --methods dense,snapkv@0.5,observed_attention@0.75,expected_attention@0.5,tova@0.5,streaming_llm@0.5,knorm@0.5,quanto-int4
-# 3) the full test set, shared prefill, the most wanted ten first, then the rest
+# 2) the full test set, one shared prefill per batch (eval.peers --shared-prefill: equal numbers), the most
+#    wanted ten first, then the rest. Its first 8 windows are the slice of 1): compare the partial sums.
 "$PY" -m eval.peers kvpress --out results/peers/wikitext2-full --shared-prefill --methods \
 dense,snapkv@0.5,observed_attention@0.5,streaming_llm@0.5,expected_attention@0.5,\
 snapkv@0.75,observed_attention@0.75,streaming_llm@0.75,expected_attention@0.75,quanto-int4
