@@ -48,13 +48,15 @@ def gelu_new(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def attention(q, k, v, q_pos, k_pos=None):
+def attention(q, k, v, q_pos, k_pos=None, mask=None):
     """Causal grouped-query attention over a cache.
 
     q: [B, T, H, D] (already rotated), k, v: [B, S, K, D], q_pos: [B, T] absolute positions of the queries.
     k_pos: [B, S] positions of the keys, default ``arange(S)`` (slot s holds position s). A key is seen
     iff ``k_pos <= q_pos``; slots past a sequence's length hold stale data and are never seen, because
-    every query of that sequence sits before them. Returns [B, T, H, D] in q's dtype.
+    every query of that sequence sits before them. mask: [B, T, S] bool, when given, replaces that rule
+    (methods whose keys are visible by another rule, e.g. KIVI's quantized-or-exact view).
+    Returns [B, T, H, D] in q's dtype.
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -64,7 +66,8 @@ def attention(q, k, v, q_pos, k_pos=None):
     qg = q.reshape(b, t, kh, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
-    mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if mask is None:
+        mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
