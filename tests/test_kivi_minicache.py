@@ -76,7 +76,8 @@ _all_layers = jax.jit(_all_layers_impl, static_argnums=(0, 1))
 
 # ---------------------------------------------------------------------------------------------- KIVI
 @pytest.mark.parametrize("settings", [dict(bits=2, group=4, value_group=4, residual=4),
-                                      dict(bits=4, group=2, value_group=0, residual=0)])
+                                      pytest.param(dict(bits=4, group=2, value_group=0, residual=0),
+                                                   marks=pytest.mark.slow)])
 def test_kivi_cache_contents_do_not_depend_on_chunking(settings):
     """Given the same K/V, one prefill, a mix of chunks and single tokens leave bit-identical caches and
     the same attention outputs (each query sees every key in the form it had when its token arrived)."""
@@ -120,6 +121,7 @@ def test_kivi_ragged_prefill_equals_decoding(llama):
     assert cache.lengths.tolist() == [t + 6, 9 + 6]
 
 
+@pytest.mark.slow
 def test_kivi_with_a_window_covering_the_cache_is_dense(llama):
     """residual >= max_len and a float32 ring: nothing is ever quantized, the logits are dense ones."""
     cfg, params = llama
@@ -132,6 +134,7 @@ def test_kivi_with_a_window_covering_the_cache_is_dense(llama):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_kivi_stores_quantized_keys_within_a_step(llama):
     """8-bit, no window: what read_layer returns is the dense K/V within half a step of each group."""
     cfg, params = llama
@@ -228,6 +231,7 @@ def test_minicache_merge_and_retention_do_not_depend_on_chunking():
     np.testing.assert_allclose(np.sort(dist, 1), d, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_minicache_slerp_end_points():
     """t=0 keeps the lower layer's directions (it is restored exactly), t=1 the upper layer's."""
     cfg = TINY["llama"]

@@ -27,10 +27,11 @@ attended, so a token cannot be merged before layer l reads it in the step that p
 So every layer sees its own exact K/V for the tokens of the current call and the compressed form for
 tokens of earlier calls. In token-by-token decoding that is exactly MiniCache's decode phase (the paper
 compresses the cache after prefill; prefill itself attends exactly). A prefill of T tokens therefore sees
-all of its own tokens exact: its logits are *not* those of decoding the same tokens one by one (the
-cache contents are: the same merged directions, magnitudes and retained set). Perplexity through this
-cache must be measured token by token (``eval.perplexity --protocol decode``); one prefill per window
-would measure an uncompressed model.
+all of its own tokens exact: its logits are *not* those of decoding the same tokens one by one, and
+nor are the K/V of later layers (they depend on what earlier layers read). Given the same K/V, though, a
+prefill and token-by-token writes store the same merged directions, magnitudes and retained set (tested).
+Perplexity through this cache must be measured token by token (``eval.perplexity --protocol decode``);
+one prefill per window would measure an uncompressed model.
 
 Layers before ``start`` (default: the middle layer, as the paper merges the middle-to-deep half) and an
 unpaired last layer are stored dense in ``dtype``.
