@@ -1,6 +1,7 @@
 """Dense, plain quantization and the committed KV-CAR compressors on the same small slice, on CPU:
 ``python -m bench.cpu_slice --out results/smollm2/cpu-slice`` (8 windows of 512 tokens per dataset).
 
+``--set ae-int4 --name kvcar_int4`` stores the committed KV-CAR compressors' latents in int4.
 ``--set issue7 --name kivi_minicache`` runs the KIVI and MiniCache settings instead (MiniCache through the
 ``decode`` protocol, one token per step, with a dense decode row beside it); bytes per token are those of
 a cache of one window (``cache_nbytes(cfg, 1, 512) / 512``: KIVI's full-precision ring included)."""
@@ -22,7 +23,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.cpu_slice")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--set", default="base", choices=["base", "issue7"], help="which methods")
+    ap.add_argument("--set", default="base", choices=["base", "issue7", "ae-int4"], help="which methods")
     ap.add_argument("--name", default="cpu_slice", help="stem of the JSON / markdown files written")
     ap.add_argument("--only", default=None, help="comma-separated labels of the set to run (default all)")
     args = ap.parse_args(argv)
@@ -42,6 +43,14 @@ def main(argv=None):
         for name in ("smollm2-k96v192-int8", "smollm2-l96-int8"):
             m, mp = load_compressor(str(ROOT / "results" / "compressors" / name), model)
             methods.append((f"KV-CAR {name}", m, mp, None, "full"))
+    elif args.set == "ae-int4":  # the committed KV-CAR compressors with int4 latents instead of int8
+        import dataclasses
+        methods = [("dense (bf16 bytes)", kvjax.get_method("dense"), None, bf16, "full")]
+        for name in ("smollm2-k96v192-int8", "smollm2-l96-int8"):
+            m, mp = load_compressor(str(ROOT / "results" / "compressors" / name), model)
+            for group in (32, 0):
+                m4 = dataclasses.replace(m, latent_dtype="int4", latent_group=group)
+                methods.append((f"KV-CAR {name} -> int4 latents, group {group or 'whole vector'}", m4, mp, None, "full"))
     else:
         pm = kvjax.parse_method
         methods = [("dense (bf16 bytes)", pm("dense"), None, bf16, "full")]
@@ -60,7 +69,7 @@ def main(argv=None):
         ids = np.asarray(model.tokenizer.encode(data.text), np.int32)
         for label, m, mp, nbytes, protocol in methods:
             r = perplexity(model, ids, m, mp, context=512, batch=8, max_tokens=args.windows * 512, protocol=protocol)
-            nb = nbytes or (m.bytes_per_token(model.cfg) if args.set == "base" else m.kv_bytes_per_token(model.cfg, 512))
+            nb = nbytes or (m.bytes_per_token(model.cfg) if args.set != "issue7" else m.kv_bytes_per_token(model.cfg, 512))
             rows.append({"dataset": data.name, "method": label, "protocol": protocol, "ppl": r["ppl"],
                          "tokens": r["tokens"], "kv_bytes_per_token": nb, "kv_saved_vs_bf16": 1 - nb / bf16,
                          "kv_bytes_per_token_long_context": nbytes or m.bytes_per_token(model.cfg),

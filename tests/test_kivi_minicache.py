@@ -251,10 +251,13 @@ def test_minicache_accounting_and_shrink():
     m = kvjax.get_method("minicache", retain=0.05, dtype="bfloat16")
     assert [m.role(cfg, l) for l in (14, 15, 16, 28, 29)] == ["dense", "lower", "upper", "upper", "dense"]
     dense = Dense(dtype="bfloat16").bytes_per_token(cfg)
-    # 7 pairs: each stores one direction (K and V) and two magnitudes instead of two vectors
-    assert m.bytes_per_token(cfg) == dense - 7 * 2 * (192 * 2 - 2 * 3 * 2)
+    # 7 pairs: each stores one direction (K and V) and two magnitudes instead of two vectors, plus
+    # retention slots of two exact vectors, a position and a distance (K and V) for 5% of the tokens
+    slots = dense - 7 * 2 * (192 * 2 - 2 * 3 * 2)
+    retain_slot = 2 * (2 * 192 * 2 + 3 * 8)
+    assert m.bytes_per_token(cfg) == pytest.approx(slots + 7 * 0.05 * retain_slot)
     n = 26  # ceil(0.05 * 512)
-    assert m.cache_nbytes(cfg, 1, 512) == 512 * m.bytes_per_token(cfg) + 7 * n * 2 * (2 * 192 * 2 + 3 * 8)
+    assert m.cache_nbytes(cfg, 1, 512) == 512 * slots + 7 * n * retain_slot
     tiny = dataclasses.replace(cfg, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8)
     for settings in (dict(start=1, retain=0.3), dict(start=0, retain=0.0)):
         mm = kvjax.get_method("minicache", **settings)

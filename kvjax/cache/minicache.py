@@ -142,9 +142,8 @@ class MiniCache(CacheMethod):
                 state[x + "_ret_dist"] = jnp.full((b, n, k), -jnp.inf, jnp.float32)
         return state
 
-    def layer_bytes_per_token(self, cfg, layer):
-        """Bytes per token slot of the parts that grow with ``max_len`` (the retention buffers, sized by
-        ``retain * max_len`` rounded up, are counted exactly by :meth:`cache_nbytes`)."""
+    def _slot_bytes(self, cfg, layer) -> int:
+        """Bytes per token slot of the arrays sized by ``max_len`` (directions, magnitudes, dense layers)."""
         item = jnp.dtype(self.dtype).itemsize
         role = self.role(cfg, layer)
         if role == "dense":
@@ -154,6 +153,14 @@ class MiniCache(CacheMethod):
             per += 2 * cfg.kv_width * item  # merged directions
         return per
 
+    def layer_bytes_per_token(self, cfg, layer):
+        """Bytes per token slot, the retention buffer counted at ``retain`` slots per token (it holds
+        ``ceil(retain * max_len)``; :meth:`cache_nbytes` is exact). A float unless that is whole."""
+        per = self._slot_bytes(cfg, layer)
+        if self.role(cfg, layer) == "upper":
+            per += self.retain * self._retain_bytes(cfg)
+        return int(per) if float(per).is_integer() else per
+
     def _retain_bytes(self, cfg) -> int:
         """Bytes of one retention slot (both streams, all kv heads) of an upper layer."""
         item = jnp.dtype(self.dtype).itemsize
@@ -161,7 +168,8 @@ class MiniCache(CacheMethod):
 
     def cache_nbytes(self, cfg, batch, max_len):
         uppers = sum(self.role(cfg, layer) == "upper" for layer in range(cfg.n_layers))
-        return batch * (self.bytes_per_token(cfg) * max_len + uppers * self.n_retained(max_len) * self._retain_bytes(cfg))
+        slots = sum(self._slot_bytes(cfg, layer) for layer in range(cfg.n_layers))
+        return batch * (slots * max_len + uppers * self.n_retained(max_len) * self._retain_bytes(cfg))
 
     # ------------------------------------------------------------------ write + attend
     def _restore(self, direction, mag, ret=None, pos=None):
