@@ -17,6 +17,10 @@ Protocols:
   non-overlapping windows; the first P tokens are prefilled through the method, then the other
   ``context - P`` tokens are teacher-forced in one second forward call over that cache, and only those
   ``context - P`` tokens are scored (the first of them is predicted by the prefill's last logit).
+* ``decode``: the windows and scores of ``full`` (non-overlapping), but every token goes through the cache
+  as one decode step (a ``lax.scan`` of single-token forward calls). For write-then-read methods and for
+  KIVI this equals ``full``; methods that treat the tokens of one call differently from earlier ones
+  (MiniCache merges a token only after the step that wrote it) must be measured this way.
 
 The negative log-likelihood of every scored prediction is computed inside the jitted function (no
 [B, T, V] logits come back to the host) and summed on the host in float64. With several devices the
@@ -47,7 +51,7 @@ from eval.common import Batcher, Model, device_record, kv_record, now
 from kvjax.cache.dense import Dense
 from kvjax.models.transformer import forward
 
-PROTOCOLS = ("full", "continue")
+PROTOCOLS = ("full", "continue", "decode")
 
 
 def plan_windows(n_tokens: int, context: int, stride: int | None = None, protocol: str = "full",
@@ -75,6 +79,8 @@ def plan_windows(n_tokens: int, context: int, stride: int | None = None, protoco
         return starts, weights
     if prefix is not None:
         raise ValueError("--prefix belongs to --protocol continue")
+    if protocol == "decode" and stride != context:
+        raise ValueError("protocol decode uses non-overlapping windows; leave --stride unset")
     starts = np.arange(1 + (n_tokens - context) // stride) * stride
     weights = np.zeros((len(starts), context - 1), np.float32)
     weights[0] = 1.0
@@ -82,14 +88,21 @@ def plan_windows(n_tokens: int, context: int, stride: int | None = None, protoco
     return starts, weights
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "prefix"))
-def window_nll(params, mparams, tokens, weights, *, cfg, method, prefix: int = 0):
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "prefix", "decode"))
+def window_nll(params, mparams, tokens, weights, *, cfg, method, prefix: int = 0, decode: bool = False):
     """NLL of each scored prediction. tokens: [B, C] int32; weights: [B, C-1]. Returns [B, C-1] float32
     (zero where not scored). ``prefix`` > 0 runs the window as prefill(tokens[:, :prefix]) and then one
-    teacher-forced forward of the rest over that cache."""
+    teacher-forced forward of the rest over that cache; ``decode`` feeds the window one token per step."""
     b, c = tokens.shape
     cache = method.init(cfg, b, c, mparams)
-    if prefix:
+    if decode:
+        def step(cache, tok):  # tok: [B]
+            lg, cache = forward(params, cfg, tok[:, None], cache, method, mparams)
+            return cache, lg[:, 0]
+
+        _, logits = jax.lax.scan(step, cache, tokens[:, :-1].T)  # [C-1, B, V]
+        logits = jnp.swapaxes(logits, 0, 1)
+    elif prefix:
         head, cache = forward(params, cfg, tokens[:, :prefix], cache, method, mparams)
         tail, _ = forward(params, cfg, tokens[:, prefix:], cache, method, mparams)
         logits = jnp.concatenate([head, tail], axis=1)[:, :-1]  # [B, C-1, V]
@@ -143,7 +156,8 @@ def perplexity(model, token_ids, method=None, mparams=None, *, context: int = 51
         tok[: len(s)] = ids32[s[:, None] + np.arange(context)[None, :]]
         w[: len(s)] = weights[i: i + bsz]
         tok_d, w_d = batcher.shard((tok, w))
-        nll = window_nll(params, mp, tok_d, w_d, cfg=cfg, method=method, prefix=prefix or 0)
+        nll = window_nll(params, mp, tok_d, w_d, cfg=cfg, method=method, prefix=prefix or 0,
+                         decode=protocol == "decode")
         nll_sum += float(np.asarray(nll, np.float64).sum())
         count += float(w.sum(dtype=np.float64))
         bar.update(len(s))

@@ -28,7 +28,7 @@ def random_mparams(cfg, latent, hidden=0, layers=None, seed=0):
     return fold_variables(variables)
 
 
-@pytest.mark.parametrize("latent_dtype,hidden", [("", 0), ("bfloat16", 12), ("int8", 0)])
+@pytest.mark.parametrize("latent_dtype,hidden", [("", 0), ("bfloat16", 12), ("int8", 0), ("int4", 0)])
 def test_nbytes_shrinks_by_the_configured_ratio(tiny, latent_dtype, hidden):
     cfg, _ = tiny
     latent = cfg.kv_width // 2
@@ -37,7 +37,7 @@ def test_nbytes_shrinks_by_the_configured_ratio(tiny, latent_dtype, hidden):
     cache = m.init(cfg, 2, 24, mp)
     dense = Dense().init(cfg, 2, 24)
     assert cache.nbytes == m.bytes_per_token(cfg) * 2 * 24
-    per_layer = {"": 4 * latent, "bfloat16": 2 * latent, "int8": latent + 4}[latent_dtype] * 2
+    per_layer = {"": 4 * latent, "bfloat16": 2 * latent, "int8": latent + 4, "int4": latent // 2 + 4}[latent_dtype] * 2
     assert cache.nbytes == per_layer * cfg.n_layers * 2 * 24
     if latent_dtype == "":
         assert cache.nbytes * 2 == dense.nbytes  # exactly half at latent = K*D/2
@@ -74,11 +74,11 @@ def test_compressed_cache_equals_attention_over_reconstructed_kv(tiny, hidden):
     assert float(jnp.abs(got - dense).max()) > 1e-3  # the compression is really in the path
 
 
-@pytest.mark.parametrize("latent_dtype", ["", "int8"])
+@pytest.mark.parametrize("latent_dtype", ["", "int8", "int4"])
 def test_prefill_equals_decode_through_compressed_cache(tiny, latent_dtype):
     cfg, params = tiny
     mp = random_mparams(cfg, 6)
-    m = Autoencoder(latent=6, latent_dtype=latent_dtype, layers=(0, 2))
+    m = Autoencoder(latent=6, latent_dtype=latent_dtype, layers=(0, 2), latent_group=2 if latent_dtype == "int4" else 0)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, cfg.vocab_size)
     full, _ = prefill(params, cfg, tokens, m.init(cfg, 2, 8, mp), method=m, mparams=mp, all_logits=True)
     cache = m.init(cfg, 2, 8, mp)
@@ -115,6 +115,24 @@ def test_batchnorm_folds_exactly():
     want = Coder((12, 8)).apply(enc, x, train=False)
     folded = fold_variables({"0": var})["0"]
     np.testing.assert_allclose(apply_coder(folded["k_enc"], x), want, atol=1e-5)
+
+
+def test_int4_latents_are_within_half_a_step_and_refuse_bad_groups():
+    cfg = TINY["llama"]
+    mp = random_mparams(cfg, 8)
+    m = Autoencoder(latent=8, latent_dtype="int4", latent_group=4)
+    k = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.n_kv_heads, cfg.head_dim))
+    pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    st = m.write_layer(mp, cfg, m.init(cfg, 2, 5, mp).layers[0], 0, k, k, pos, pos[:, 0])
+    assert st["k"].dtype == jnp.uint8 and st["k"].shape == (2, 5, 4) and st["k_scale"].shape == (2, 5, 2)
+    zk, _ = m.latents(st)
+    z = apply_coder(mp["0"]["k_enc"], k.reshape(2, 5, -1)).reshape(2, 5, 2, 4)
+    step = (z.max(-1) - z.min(-1)) / 15
+    assert float(jnp.max(jnp.abs(zk.reshape(z.shape) - z) / step[..., None])) <= 0.55
+    with pytest.raises(ValueError, match="latent_group=3"):
+        Autoencoder(latent=8, latent_dtype="int4", latent_group=3).init(cfg, 1, 4, mp)
+    with pytest.raises(ValueError, match="int4 only"):
+        Autoencoder(latent=8, latent_dtype="int8", latent_group=4)
 
 
 def test_int8_latents_round_trip():

@@ -1,7 +1,9 @@
 """KV-CAR compressed cache: chosen layers store per-token autoencoder latents instead of K and V.
 
 A compressed layer's state is ``{"k": [B, S, Lk], "v": [B, S, Lv]}`` in ``latent_dtype`` (for int8 also
-``k_scale``, ``k_min``, ``v_scale``, ``v_min``: [B, S] float16). New K/V are encoded once when written;
+``k_scale``, ``k_min``, ``v_scale``, ``v_min``: [B, S] float16; for int4 the latents are packed two codes
+to a byte, ``k``: uint8 [B, S, Lk/2], with float16 scale and minimum per group of ``latent_group`` latents,
+[B, S, Lk/latent_group], through :func:`kvjax.cache.quantized.quantize`). New K/V are encoded once when written;
 attention reads decoded K/V. Other layers are stored densely. Keys are compressed *before* RoPE by
 default (``pre_rope``) and rotated after decoding: pre-RoPE keys of a head share one subspace at every
 position, while RoPE spreads them over position-dependent rotations that a fixed linear map cannot
@@ -16,16 +18,18 @@ import jax.numpy as jnp
 
 from kvjax.cache.base import CacheMethod, write_at
 from kvjax.cache.registry import register
+from kvjax.cache.quantized import dequantize, quantize
 from kvjax.compressors.autoencoder import apply_coder, dequantize_int8, quantize_int8
 
-LATENT_DTYPES = ("", "float32", "bfloat16", "float16", "int8")
+LATENT_DTYPES = ("", "float32", "bfloat16", "float16", "int8", "int4")
 
 
 @register("autoencoder")
 @dataclasses.dataclass(frozen=True)
 class Autoencoder(CacheMethod):
     """Settings. ``latent`` (keys) 0 means half of K*D; ``latent_v`` 0 means the same as the keys';
-    ``hidden`` 0 means the linear variant; ``layers`` () means every layer; ``latent_dtype`` "" means ``dtype``."""
+    ``hidden`` 0 means the linear variant; ``layers`` () means every layer; ``latent_dtype`` "" means ``dtype``;
+    ``latent_group``: latents per int4 scale (0: the whole latent vector; int4 only)."""
 
     name = "autoencoder"
     latent: int = 0
@@ -36,12 +40,16 @@ class Autoencoder(CacheMethod):
     dtype: str = "float32"
     latent_v: int = 0
     kernel: str = "auto"  # decode attention: "auto" (fused Pallas kernel on GPU), "pallas", or "xla"
+    latent_group: int = 0
 
     def __post_init__(self):
         if self.latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"autoencoder latent_dtype={self.latent_dtype!r}; choose from {LATENT_DTYPES[1:]}")
         if self.kernel not in ("auto", "pallas", "xla"):
             raise ValueError(f"autoencoder kernel={self.kernel!r}; choose auto, pallas or xla")
+        if self.latent_group < 0 or (self.latent_group and self.latent_dtype != "int4"):
+            raise ValueError(f"autoencoder latent_group={self.latent_group} applies to latent_dtype=int4 only "
+                             f"and must be >= 0")
         if isinstance(self.layers, int):  # a single layer from the CLI parser
             object.__setattr__(self, "layers", (self.layers,))
 
@@ -69,6 +77,9 @@ class Autoencoder(CacheMethod):
         for name, dim in (("latent", self.latent_dim(cfg)), ("latent_v", self.latent_v_dim(cfg))):
             if not 0 < dim <= cfg.kv_width:
                 raise ValueError(f"autoencoder {name}={dim} must be in [1, K*D={cfg.kv_width}]")
+            if self.storage_dtype == "int4" and (dim % 2 or dim % (self.latent_group or dim)):
+                raise ValueError(f"autoencoder latent_dtype=int4: {name}={dim} must be even and a multiple of "
+                                 f"latent_group={self.latent_group}")
         if params is None:
             raise ValueError("the autoencoder method needs trained compressor parameters (mparams); "
                              "train them with `python -m train.autoencoder` and load with kvjax.compressors.load_compressor")
@@ -88,6 +99,14 @@ class Autoencoder(CacheMethod):
         if layer not in self.compressed_layers(cfg):
             shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
             return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+        if self.storage_dtype == "int4":
+            state = {}
+            for name, dim in (("k", self.latent_dim(cfg)), ("v", self.latent_v_dim(cfg))):
+                n = dim // (self.latent_group or dim)
+                state[name] = jnp.zeros((batch, max_len, dim // 2), jnp.uint8)
+                state[name + "_scale"] = jnp.zeros((batch, max_len, n), jnp.float16)
+                state[name + "_min"] = jnp.zeros((batch, max_len, n), jnp.float16)
+            return state
         state = {"k": jnp.zeros((batch, max_len, self.latent_dim(cfg)), self.storage_dtype),
                  "v": jnp.zeros((batch, max_len, self.latent_v_dim(cfg)), self.storage_dtype)}
         if self.storage_dtype == "int8":
@@ -98,6 +117,9 @@ class Autoencoder(CacheMethod):
     def layer_bytes_per_token(self, cfg, layer):
         if layer not in self.compressed_layers(cfg):
             return 2 * cfg.kv_width * jnp.dtype(self.dtype).itemsize
+        if self.storage_dtype == "int4":
+            dims = (self.latent_dim(cfg), self.latent_v_dim(cfg))
+            return sum(d // 2 + 2 * 2 * (d // (self.latent_group or d)) for d in dims)  # codes, fp16 scale + min
         per = (self.latent_dim(cfg) + self.latent_v_dim(cfg)) * jnp.dtype(self.storage_dtype).itemsize
         if self.storage_dtype == "int8":
             per += 2 * 2 * 2  # float16 scale and minimum, for K and for V
@@ -116,7 +138,12 @@ class Autoencoder(CacheMethod):
         zv = apply_coder(p["v_enc"], v.reshape(b, t, -1))
         new = dict(state)
         for name, z in (("k", zk), ("v", zv)):
-            if self.storage_dtype == "int8":
+            if self.storage_dtype == "int4":
+                q, scale, zmin = quantize(z, 4, self.latent_group)
+                new[name] = write_at(state[name], q, starts)
+                new[name + "_scale"] = write_at(state[name + "_scale"], scale, starts)
+                new[name + "_min"] = write_at(state[name + "_min"], zmin, starts)
+            elif self.storage_dtype == "int8":
                 q, scale, zmin = quantize_int8(z)
                 new[name] = write_at(state[name], q, starts)
                 new[name + "_scale"] = write_at(state[name + "_scale"], scale, starts)
@@ -127,6 +154,9 @@ class Autoencoder(CacheMethod):
 
     def latents(self, state):
         """Dequantized latents (zk, zv): [B, S, L] float32."""
+        if self.storage_dtype == "int4":
+            return tuple(dequantize(state[n], state[n + "_scale"], state[n + "_min"], 4, self.latent_group,
+                                    2 * state[n].shape[-1]) for n in ("k", "v"))
         if self.storage_dtype == "int8":
             return (dequantize_int8(state["k"], state["k_scale"], state["k_min"]),
                     dequantize_int8(state["v"], state["v_scale"], state["v_min"]))
@@ -141,7 +171,8 @@ class Autoencoder(CacheMethod):
     def attend(self, params, cfg, cache, layer, q, positions):
         """Decode steps (one new token) of compressed layers go through the fused decompress-and-attend
         kernel when ``use_kernel()``: it reads only latents. Everything else decodes, then attends."""
-        if q.shape[1] != 1 or layer not in self.compressed_layers(cfg) or not self.use_kernel():
+        if (q.shape[1] != 1 or layer not in self.compressed_layers(cfg) or not self.use_kernel()
+                or self.storage_dtype == "int4"):  # the fused kernel reads float or int8 latents
             return super().attend(params, cfg, cache, layer, q, positions)
         from pallas_kernels.decompress_attention.api import decompress_attend
 

@@ -4,10 +4,19 @@ A *method* is a frozen, hashable dataclass of settings (a static jit argument). 
 (if any) are a separate pytree passed beside the model parameters. Per-sequence state lives in a
 :class:`Cache`, an immutable pytree returned from every step.
 
-The model talks to a method through two calls per layer and never looks inside the cache::
+The model talks to a method through one call per layer and never looks inside the cache::
+
+    out, cache = method.write_attend(mparams, cfg, cache, layer, q, k, v, positions, seq_lens)
+
+which, unless a method overrides it, is the two calls::
 
     cache = method.write(mparams, cfg, cache, layer, k, v, positions)   # k before RoPE
     out   = method.attend(mparams, cfg, cache, layer, q, positions)     # q after RoPE
+
+Methods whose stored form of a token depends on when it arrived (KIVI's full-precision residual window,
+MiniCache's cross-layer merge) override ``write_attend``: they need the exact K/V of the current tokens
+beside the stored ones, and the real lengths ``seq_lens`` of right-padded rows (padding must not enter a
+quantization group).
 
 ``write`` receives keys *before* RoPE so that a method may store pre-RoPE keys (more compressible)
 and rotate them when they are read; :meth:`CacheMethod.rotate_keys` is the helper for that.
@@ -110,6 +119,16 @@ class CacheMethod:
         """Stores new K/V of ``layer``. k, v: [B, T, K, D] (k before RoPE); positions: [B, T]."""
         state = self.write_layer(params, cfg, cache.layers[layer], layer, k, v, positions, positions[:, 0])
         return cache.set_layer(layer, state)
+
+    def write_attend(self, params: Params, cfg: ModelConfig, cache: Cache, layer: int, q, k, v, positions,
+                     seq_lens=None):
+        """Stores the new K/V of ``layer`` and attends over the layer's cache: the one call the model makes.
+
+        q: [B, T, H, D] (after RoPE); k, v: [B, T, K, D] (k before RoPE); positions: [B, T];
+        seq_lens: [B] real tokens of each row (right padding beyond it), default T.
+        Returns (out [B, T, H, D], cache). The default is :meth:`write` then :meth:`attend`."""
+        cache = self.write(params, cfg, cache, layer, k, v, positions)
+        return self.attend(params, cfg, cache, layer, q, positions), cache
 
     def attend(self, params: Params, cfg: ModelConfig, cache: Cache, layer: int, q, positions):
         """Attention of q: [B, T, H, D] (after RoPE) over what ``layer`` has stored. Returns [B, T, H, D]."""

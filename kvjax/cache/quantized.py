@@ -3,8 +3,9 @@
 Each token's head vector of D values is split into groups of ``group`` values (0: one group per head
 vector); a group stores ``bits``-bit codes plus a float16 scale and minimum (asymmetric min/max), so
 ``x ≈ code * scale + min``. int4 codes are packed two to a byte: the arrays are physically smaller.
-This is the plain baseline every learned method should beat at equal bytes (KIVI-style per-channel keys
-and a full-precision residual window are a later addition).
+This is the plain baseline every learned method should beat at equal bytes. Per-channel key groups over
+tokens, 2-bit codes and a full-precision residual window are :mod:`kvjax.cache.kivi` (``kivi``, with
+``residual=0`` for per-channel int4/int2 keys without a window); both use :func:`quantize` here.
 """
 
 from __future__ import annotations
@@ -17,30 +18,60 @@ from kvjax.cache.base import CacheMethod, write_at
 from kvjax.cache.registry import register
 
 
-def quantize(x, bits: int, group: int):
-    """x [..., D] -> (codes uint8 [..., D * bits / 8], scale [..., D/group] fp16, min [..., D/group] fp16)."""
-    d = x.shape[-1]
-    g = group or d
-    xg = x.astype(jnp.float32).reshape(*x.shape[:-1], d // g, g)
-    lo = jnp.min(xg, axis=-1).astype(jnp.float16)
+BITS = (2, 4, 8)
+
+
+def pack(codes, bits: int):
+    """codes uint8 [..., N] with values < 2**bits -> [..., N * bits / 8], 8 / bits codes per byte (low first)."""
+    per = 8 // bits
+    if per == 1:
+        return codes
+    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = c[..., 0]
+    for i in range(1, per):
+        out = out | (c[..., i] << (i * bits))
+    return out
+
+
+def unpack(packed, bits: int, n: int):
+    """Inverse of :func:`pack`: [..., n * bits / 8] uint8 -> [..., n] uint8 codes."""
+    per = 8 // bits
+    if per == 1:
+        return packed
+    mask = 2 ** bits - 1
+    c = jnp.stack([(packed >> (i * bits)) & mask for i in range(per)], axis=-1)
+    return c.reshape(*packed.shape[:-1], n)
+
+
+def quantize(x, bits: int, group: int, axis: int = -1):
+    """Asymmetric min/max quantization in groups of ``group`` consecutive entries along ``axis`` (0: the
+    whole axis is one group), codes packed along the last axis.
+
+    x [..., N, ..., D] -> (codes uint8 [..., N, ..., D * bits / 8], scale fp16, min fp16), where scale and
+    min have ``axis`` shrunk to N / group (per-token groups: ``axis=-1``; KIVI's per-channel key groups:
+    the token axis). ``x ≈ code * scale + min``; codes are computed from the fp16-rounded scale and min,
+    so every code is within half a step of its value."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    g = group or n
+    xg = x.astype(jnp.float32).reshape(*x.shape[:axis], n // g, g, *x.shape[axis + 1:])
+    lo = jnp.min(xg, axis=axis + 1).astype(jnp.float16)
     levels = 2 ** bits - 1
-    scale = ((jnp.max(xg, axis=-1) - lo.astype(jnp.float32)) / levels).astype(jnp.float16)
-    s = jnp.maximum(scale.astype(jnp.float32), 1e-8)[..., None]
-    codes = jnp.clip(jnp.round((xg - lo.astype(jnp.float32)[..., None]) / s), 0, levels).astype(jnp.uint8)
-    codes = codes.reshape(*x.shape[:-1], d)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, scale, lo
+    scale = ((jnp.max(xg, axis=axis + 1) - lo.astype(jnp.float32)) / levels).astype(jnp.float16)
+    s = jnp.expand_dims(jnp.maximum(scale.astype(jnp.float32), 1e-8), axis + 1)
+    codes = jnp.clip(jnp.round((xg - jnp.expand_dims(lo.astype(jnp.float32), axis + 1)) / s), 0, levels)
+    return pack(codes.astype(jnp.uint8).reshape(x.shape), bits), scale, lo
 
 
-def dequantize(codes, scale, lo, bits: int, group: int, d: int):
-    """Inverse of :func:`quantize`: returns [..., D] float32."""
-    if bits == 4:
-        codes = jnp.stack([codes & 0xF, codes >> 4], axis=-1).reshape(*codes.shape[:-1], d)
-    g = group or d
-    xg = codes.astype(jnp.float32).reshape(*codes.shape[:-1], d // g, g)
-    x = xg * scale.astype(jnp.float32)[..., None] + lo.astype(jnp.float32)[..., None]
-    return x.reshape(*codes.shape[:-1], d)
+def dequantize(codes, scale, lo, bits: int, group: int, d: int, axis: int = -1):
+    """Inverse of :func:`quantize` (``d``: the unpacked size of the last axis): returns float32 [..., D]."""
+    x = unpack(codes, bits, d).astype(jnp.float32)
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    g = group or n
+    xg = x.reshape(*x.shape[:axis], n // g, g, *x.shape[axis + 1:])
+    xg = xg * jnp.expand_dims(scale.astype(jnp.float32), axis + 1) + jnp.expand_dims(lo.astype(jnp.float32), axis + 1)
+    return xg.reshape(x.shape)
 
 
 @register("quantized")

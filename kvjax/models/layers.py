@@ -48,7 +48,7 @@ def gelu_new(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def attention(q, k, v, q_pos, k_pos=None, kv_layout: str = "bskd"):
+def attention(q, k, v, q_pos, k_pos=None, kv_layout: str = "bskd", mask=None):
     """Causal grouped-query attention over a cache.
 
     q: [B, T, H, D] (already rotated); k, v: [B, S, K, D] (``kv_layout="bskd"``) or head-major
@@ -56,7 +56,9 @@ def attention(q, k, v, q_pos, k_pos=None, kv_layout: str = "bskd"):
     cache in place instead of transposing it first); q_pos: [B, T] absolute positions of the queries.
     k_pos: [B, S] positions of the keys, default ``arange(S)`` (slot s holds position s). A key is seen
     iff ``k_pos <= q_pos``; slots past a sequence's length hold stale data and are never seen, because
-    every query of that sequence sits before them. Returns [B, T, H, D] in q's dtype.
+    every query of that sequence sits before them. mask: [B, T, S] bool, when given, replaces that rule
+    (methods whose keys are visible by another rule, e.g. KIVI's quantized-or-exact view).
+    Returns [B, T, H, D] in q's dtype.
     """
     if kv_layout not in ("bskd", "bksd"):
         raise ValueError(f"kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
@@ -70,7 +72,8 @@ def attention(q, k, v, q_pos, k_pos=None, kv_layout: str = "bskd"):
     qg = q.reshape(b, t, kh, g, d)
     scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
-    mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if mask is None:
+        mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(f"bkgts,{kv}->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
