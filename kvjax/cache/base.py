@@ -4,13 +4,20 @@ A *method* is a frozen, hashable dataclass of settings (a static jit argument). 
 (if any) are a separate pytree passed beside the model parameters. Per-sequence state lives in a
 :class:`Cache`, an immutable pytree returned from every step.
 
-The model talks to a method through two calls per layer and never looks inside the cache::
+The model talks to a method through one call per layer and never looks inside the cache::
+
+    out, cache = method.write_and_attend(mparams, cfg, cache, layer, q, k, v, positions, seq_lens)
+
+(q after RoPE, k before RoPE). Its default is the write-then-read order every storing method uses::
 
     cache = method.write(mparams, cfg, cache, layer, k, v, positions)   # k before RoPE
     out   = method.attend(mparams, cfg, cache, layer, q, positions)     # q after RoPE
 
-``write`` receives keys *before* RoPE so that a method may store pre-RoPE keys (more compressible)
-and rotate them when they are read; :meth:`CacheMethod.rotate_keys` is the helper for that.
+so such a method overrides only the per-layer hooks (and ``attend`` when it reads differently). Methods
+whose storage depends on the attention itself (eviction: which tokens to keep) override
+``write_and_attend`` and set ``write_then_read = False``. ``write`` receives keys *before* RoPE so that a
+method may store pre-RoPE keys (more compressible) and rotate them when they are read;
+:meth:`CacheMethod.rotate_keys` is the helper for that.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ class Cache:
 
     layers:  tuple with one pytree per layer, laid out by the method.
     lengths: [B] int32, tokens already stored for each sequence (the next token's position).
-    max_len: static number of token slots.
+    max_len: static sequence length the cache was made for (token slots for growing methods; eviction
+             methods allocate fewer slots than this and may run past it).
     """
 
     layers: tuple
@@ -72,6 +80,10 @@ class CacheMethod:
     ``attend``."""
 
     name: ClassVar[str] = "base"
+    # True when attention reads back exactly what was written, so one prefill over T tokens equals T
+    # decode steps. False for order-dependent methods (eviction): a prefill attends within its chunk
+    # exactly and compresses at its end, token-by-token decoding evicts at every step.
+    write_then_read: ClassVar[bool] = True
 
     # --- lifecycle --------------------------------------------------------------------------------
     def init(self, cfg: ModelConfig, batch: int, max_len: int, params: Params = None) -> Cache:
@@ -112,6 +124,16 @@ class CacheMethod:
         """Attention of q: [B, T, H, D] (after RoPE) over what ``layer`` has stored. Returns [B, T, H, D]."""
         k, v = self.read_layer(params, cfg, cache, layer)
         return attention(q, k.astype(q.dtype), v.astype(q.dtype), positions)
+
+    def write_and_attend(self, params: Params, cfg: ModelConfig, cache: Cache, layer: int, q, k, v, positions,
+                         seq_lens=None):
+        """The call the model makes per layer: stores the new K/V of ``layer`` and attends over the cache.
+
+        q: [B, T, H, D] (after RoPE); k, v: [B, T, K, D] (k before RoPE); positions: [B, T]; seq_lens: [B]
+        real tokens per row (right padding after them; default T). Returns (out [B, T, H, D], new cache).
+        The default writes, then attends (queries see what the method stored, themselves included)."""
+        cache = self.write(params, cfg, cache, layer, k, v, positions)
+        return self.attend(params, cfg, cache, layer, q, positions), cache
 
     # --- accounting -------------------------------------------------------------------------------
     def bytes_per_token(self, cfg: ModelConfig) -> int:

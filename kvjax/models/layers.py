@@ -48,13 +48,13 @@ def gelu_new(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def attention(q, k, v, q_pos, k_pos=None):
-    """Causal grouped-query attention over a cache.
+def attention_probs(q, k, q_pos, k_pos=None):
+    """Causal grouped-query attention weights.
 
-    q: [B, T, H, D] (already rotated), k, v: [B, S, K, D], q_pos: [B, T] absolute positions of the queries.
-    k_pos: [B, S] positions of the keys, default ``arange(S)`` (slot s holds position s). A key is seen
-    iff ``k_pos <= q_pos``; slots past a sequence's length hold stale data and are never seen, because
-    every query of that sequence sits before them. Returns [B, T, H, D] in q's dtype.
+    q: [B, T, H, D] (already rotated), k: [B, S, K, D], q_pos: [B, T] absolute positions of the queries.
+    k_pos: positions of the keys, [B, S] (every kv head holds the same tokens) or [B, S, K] (each kv head
+    its own, as eviction keeps them), default ``arange(S)`` (slot s holds position s). A key is seen iff
+    ``k_pos <= q_pos``. Returns float32 [B, K, G, T, S], each query's weights summing to 1.
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -64,8 +64,27 @@ def attention(q, k, v, q_pos, k_pos=None):
     qg = q.reshape(b, t, kh, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
-    mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    if k_pos.ndim == 2:
+        mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, T, S]
+    else:
+        mask = (jnp.swapaxes(k_pos, 1, 2)[:, :, None, :] <= q_pos[:, None, :, None])[:, :, None]  # [B, K, 1, T, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attention(q, k, v, q_pos, k_pos=None):
+    """Causal grouped-query attention over a cache.
+
+    q: [B, T, H, D] (already rotated), k, v: [B, S, K, D], q_pos: [B, T] absolute positions of the queries.
+    k_pos: [B, S] (or per kv head [B, S, K]) positions of the keys, default ``arange(S)`` (slot s holds
+    position s). A key is seen iff ``k_pos <= q_pos``; slots past a sequence's length hold stale data and
+    are never seen, because every query of that sequence sits before them. Returns [B, T, H, D] in q's dtype.
+    """
+    b, t, h, d = q.shape
+    probs = attention_probs(q, k, q_pos, k_pos)
+    return attend_values(probs, v).reshape(b, t, h, d).astype(q.dtype)
+
+
+def attend_values(probs, v):
+    """probs [B, K, G, T, S] x v [B, S, K, D] -> float32 [B, T, K, G, D]."""
+    return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)

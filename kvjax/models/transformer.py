@@ -1,6 +1,6 @@
 """One forward pass of a decoder-only transformer through a cache method.
 
-``tokens -> embed -> for each layer: q, k, v -> method.write -> method.attend -> o-proj -> MLP -> logits``.
+``tokens -> embed -> for each layer: q, k, v -> method.write_and_attend -> o-proj -> MLP -> logits``.
 The model never looks inside the cache; the method sees only the shapes in ``ModelConfig``.
 """
 
@@ -32,8 +32,7 @@ def forward(params, cfg: ModelConfig, tokens, cache, method, mparams=None,
     for layer, p in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{layer}"):
             q, k, v = fam.qkv(p, cfg, x, positions)
-            cache = method.write(mparams, cfg, cache, layer, k, v, positions)
-            o = method.attend(mparams, cfg, cache, layer, q, positions)
+            o, cache = method.write_and_attend(mparams, cfg, cache, layer, q, k, v, positions, seq_lens)
             x = fam.attn_out(p, cfg, x, o)
             x = fam.mlp(p, cfg, x)
     cache = cache.replace(lengths=cache.lengths + seq_lens.astype(jnp.int32))
