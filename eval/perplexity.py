@@ -22,8 +22,14 @@ The negative log-likelihood of every scored prediction is computed inside the ji
 [B, T, V] logits come back to the host) and summed on the host in float64. With several devices the
 window batch is sharded over them (kvjax.sharding); the last batch is padded and the pad rows masked out.
 
-Eviction methods, whose result depends on the order tokens arrive in and would be evaluated chunk by
-chunk, are not part of kvjax yet; this module makes no claim about them.
+Eviction methods (``streaming``, ``h2o``, ``snapkv``: ``write_then_read = False``) depend on the order
+tokens arrive in: a forward attends over what is kept *plus its own tokens exactly*, and evicts at its end.
+One prefill of a whole window would therefore score nothing compressed, so protocol ``full`` refuses them.
+They are evaluated with ``continue``: the prefix is prefilled and compressed at the end of prefill (the
+papers' and kvpress's order), then the continuation attends over the compressed prefix plus its own
+tokens causally (kept exactly within that forward, as kvpress does). Their cache is made for the prefix
+(``method.init(cfg, B, P)``): ``ratio`` r keeps ``int(P * (1 - r))`` slots, kvpress's count, and the bytes
+reported (``kv_bytes_at_context`` = P) are those slots, positions and scores included, over P tokens.
 
 Command line::
 
@@ -82,13 +88,20 @@ def plan_windows(n_tokens: int, context: int, stride: int | None = None, protoco
     return starts, weights
 
 
+def cache_len(method, context: int, prefix: int = 0) -> int:
+    """max_len of the cache a window runs through: the window, or for an eviction method under the
+    continue protocol the prefix it compresses (its slots are what the prefix keeps)."""
+    return prefix if prefix and not method.write_then_read else context
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "prefix"))
 def window_nll(params, mparams, tokens, weights, *, cfg, method, prefix: int = 0):
     """NLL of each scored prediction. tokens: [B, C] int32; weights: [B, C-1]. Returns [B, C-1] float32
     (zero where not scored). ``prefix`` > 0 runs the window as prefill(tokens[:, :prefix]) and then one
-    teacher-forced forward of the rest over that cache."""
+    teacher-forced forward of the rest over that cache (for eviction methods: over the compressed prefix
+    plus the rest's own tokens, causally; see :func:`cache_len` for the cache's size)."""
     b, c = tokens.shape
-    cache = method.init(cfg, b, c, mparams)
+    cache = method.init(cfg, b, cache_len(method, c, prefix), mparams)
     if prefix:
         head, cache = forward(params, cfg, tokens[:, :prefix], cache, method, mparams)
         tail, _ = forward(params, cfg, tokens[:, prefix:], cache, method, mparams)
@@ -125,6 +138,9 @@ def perplexity(model, token_ids, method=None, mparams=None, *, context: int = 51
     if ids.min() < 0 or ids.max() >= cfg.vocab_size:
         raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size})")
     starts, weights = plan_windows(int(ids.size), context, stride, protocol, prefix)
+    if protocol == "full" and not method.write_then_read:
+        raise ValueError(f"{method.name} evicts at the end of each forward, so one prefill per window scores "
+                         f"nothing compressed: use protocol continue with a prefix")
     method.validate(cfg, mparams)
 
     t0 = time.perf_counter()
@@ -152,7 +168,7 @@ def perplexity(model, token_ids, method=None, mparams=None, *, context: int = 51
     bar.close()
     wall = time.perf_counter() - t0
 
-    per_window = jax.eval_shape(lambda p: method.init(cfg, 1, context, p), mparams).nbytes
+    per_window = jax.eval_shape(lambda p: method.init(cfg, 1, cache_len(method, context, prefix), p), mparams).nbytes
     mean = nll_sum / count
     out = {
         "ppl": math.exp(mean), "nll": mean, "nll_sum": nll_sum, "tokens": int(count), "windows": int(len(starts)),
