@@ -1,6 +1,13 @@
 """One table of every registered cache method, an easy and a hard setting each, run on tiny GPT-2 and Llama:
-prefill + decode, finite outputs, shapes, physical bytes below dense, ``nbytes == bytes_per_token`` accounting,
-and (for these write-then-read methods) one prefill equal to token-by-token decoding."""
+prefill + decode, finite outputs, shapes, physical bytes below dense, ``nbytes == cache_nbytes`` accounting,
+and the order property of the method's kind:
+
+* write-then-read methods (``method.write_then_read``): one prefill equals token-by-token decoding, since
+  every query reads back exactly what was written, whatever the order;
+* eviction methods (``write_then_read = False``): that equality does not hold once tokens are evicted (a
+  prefill attends within its chunk exactly and evicts at its end; decoding evicts at every step, so later
+  tokens see fewer keys). What holds instead: a prefill's own logits equal the dense cache's (nothing is
+  evicted before the chunk's queries read it). tests/test_eviction.py checks the rest."""
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +34,10 @@ TABLE = {
                     lambda cfg, s: ae_params(cfg, s["latent"], s.get("latent_v", 0), s.get("hidden", 0))),
     "quantized": ({"bits": 8}, {"bits": 4, "group": 4}, None),
     "reuse": ({"plan": ((1, 0),)}, {"plan": ((1, 0), (1, 1), (2, 0), (2, 1))}, None),  # hard: layer 2 reads layer 0
+    # eviction, max_len 12: easy keeps 9 slots (the 8-token prefill and one decode step fit), hard evicts
+    "streaming": ({"ratio": 0.25, "sinks": 2}, {"budget": 4, "sinks": 1, "bits": 4, "group": 4}, None),
+    "h2o": ({"ratio": 0.25}, {"budget": 4, "recent": 0.25, "normalize": True, "bits": 8}, None),
+    "snapkv": ({"ratio": 0.25, "window": 4}, {"budget": 3, "window": 2, "kernel": 3, "dtype": "bfloat16"}, None),
 }
 
 
@@ -56,13 +67,18 @@ def test_method(tiny, name, level):
     logits, cache = decode_step(params, cfg, tokens[:, 0], cache, method=method, mparams=mp)
     assert logits.shape == (b, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
     assert cache.lengths.tolist() == [9, 9]
+    tol = 2e-2 if "bfloat16" in settings.values() else 1e-4
+    if not method.write_then_read:
+        # eviction: the prefill's queries attend over their own chunk exactly, as with the dense cache
+        dense, _ = prefill(params, cfg, tokens, Dense().init(cfg, b, s), all_logits=True)
+        np.testing.assert_allclose(np.asarray(full), np.asarray(dense), atol=1e-4, rtol=1e-4)
+        return
     # write-then-read: one prefill equals token-by-token decoding through the same cache
     c2 = method.init(cfg, b, s, mp)
     steps = []
     for i in range(8):
         lg, c2 = decode_step(params, cfg, tokens[:, i], c2, method=method, mparams=mp)
         steps.append(lg)
-    tol = 2e-2 if "bfloat16" in settings.values() else 1e-4
     np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full), atol=tol, rtol=tol)
 
 
