@@ -218,3 +218,18 @@ def test_generate_through_an_eviction_cache():
     out = generate(params, cfg, prompts, max_new_tokens=6, stop_tokens=(),
                    method=kvjax.get_method("snapkv", budget=4, window=2))
     assert out.tokens.shape == (2, 6) and np.asarray(out.lengths).tolist() == [6, 6]
+
+
+def test_full_protocol_in_chunks():
+    cfg = TINY["llama"]
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
+    ids = np.random.RandomState(1).randint(0, cfg.vocab_size, 64)
+    whole = perplexity((params, cfg), ids, Dense(), context=32)
+    chunked = perplexity((params, cfg), ids, Dense(), context=32, chunk=8)
+    assert chunked["nll_sum"] == pytest.approx(whole["nll_sum"], rel=1e-5) and chunked["chunk"] == 8
+    # an eviction cache evicts between chunks: more loss than dense, bytes of 16 slots over 32 tokens
+    ev = perplexity((params, cfg), ids, kvjax.get_method("streaming", ratio=0.5, sinks=2), context=32, chunk=8)
+    assert ev["tokens"] == whole["tokens"] and ev["nll_sum"] != pytest.approx(whole["nll_sum"], rel=1e-4)
+    assert ev["kv_cache_bytes_per_window"] == kvjax.get_method("streaming", ratio=0.5).cache_nbytes(cfg, 1, 32)
+    with pytest.raises(ValueError, match="chunk=5"):
+        perplexity((params, cfg), ids, Dense(), context=32, chunk=5)
