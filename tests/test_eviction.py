@@ -10,6 +10,7 @@ import pytest
 
 import kvjax
 from conftest import TINY
+from eval.capacity import plan
 from eval.common import kv_record
 from eval.perplexity import perplexity, window_nll
 from kvjax.cache import Dense
@@ -141,6 +142,13 @@ def test_accounting_counts_every_slot_position_and_score(spec, per_slot_head):
     assert cache.nbytes == method.cache_nbytes(cfg, batch, max_len) == 3 * batch * c * 2 * per_slot_head
     rec = kv_record(method, cfg, "float32", context=max_len)  # the bytes of what a max_len context keeps
     assert rec["kv_bytes_per_token"] == pytest.approx(method.cache_nbytes(cfg, 1, max_len) / max_len)
+    res = plan(cfg, method, budget_bytes=10 ** 5, seq_len=max_len, batch=2)  # eval.capacity agrees
+    assert res["max_batch"] == 10 ** 5 // method.cache_nbytes(cfg, 1, max_len)
+
+
+def test_a_ratio_keeps_at_least_the_policy_minimum():
+    m = kvjax.get_method("streaming", ratio=0.875, sinks=4)
+    assert [m.capacity(n) for n in (3, 8, 40, 80)] == [3, 5, 5, 10]
 
 
 def test_bad_settings_are_clear_errors():

@@ -76,8 +76,8 @@ def write_at(buf, new, starts):
 @dataclasses.dataclass(frozen=True)
 class CacheMethod:
     """Base class: settings only. Subclasses override ``init_layer``, ``write_layer``, ``read_layer``
-    and ``layer_bytes_per_token``; methods that attend differently (eviction, fused kernels) override
-    ``attend``."""
+    and ``layer_bytes_per_token``; methods that read differently (fused kernels) override ``attend``;
+    methods whose storage depends on the attention (eviction) override ``write_and_attend``."""
 
     name: ClassVar[str] = "base"
     # True when attention reads back exactly what was written, so one prefill over T tokens equals T

@@ -114,9 +114,14 @@ class Eviction(CacheMethod):
 
     # ------------------------------------------------------------------ capacity and accounting
     def capacity(self, max_len: int) -> int:
-        """Slots per (sequence, kv head) of a cache made for ``max_len`` tokens."""
-        c = min(self.budget, max_len) if self.budget else int(max_len * (1.0 - self.ratio))
-        if c < self.min_capacity():
+        """Slots per (sequence, kv head) of a cache made for ``max_len`` tokens: ``min(budget, max_len)``, or
+        ``int(max_len * (1 - ratio))`` raised to the policy's minimum (e.g. the sinks and one more token) where
+        a short ``max_len`` would leave fewer. An explicit budget below the minimum is an error."""
+        if self.budget:
+            c = min(self.budget, max_len)
+        else:
+            c = max(int(max_len * (1.0 - self.ratio)), min(self.min_capacity(), max_len))
+        if c < min(self.min_capacity(), max_len) or c < 1:
             raise ValueError(f"{self.name} keeps {c} slots of max_len={max_len} (ratio={self.ratio}, "
                              f"budget={self.budget}); it needs at least {self.min_capacity()}")
         return c
