@@ -296,8 +296,8 @@ class H2O(Eviction):
 class SnapKV(Eviction):
     """SnapKV: the last ``window`` positions are the observation window; every older candidate scores the
     attention it receives from the window's queries (of this call), averaged over ``kernel`` neighbouring
-    positions (odd; 1 switches pooling off); the window's own tokens are always kept (the newest first
-    when the window is larger than the capacity)."""
+    positions (odd; 1 switches pooling off; the window's keys count as 0 there); the window's own tokens
+    are always kept (the newest first when the window is larger than the capacity)."""
 
     name: ClassVar[str] = "snapkv"
     window: int = 64
@@ -313,5 +313,8 @@ class SnapKV(Eviction):
     def scores(self, probs, q_valid, pos, last, state):
         q_pos = pos[:, state["pos"].shape[1]:, 0]  # [B, T] the chunk's positions (EMPTY on padding)
         observe = q_valid & (q_pos > last[:, None] - self.window)  # [B, T]
-        s = _pool_by_position(_received(probs, observe), pos, self.kernel)
-        return _protect(s, pos > last[:, None, None] - self.window, pos), None
+        in_window = pos > last[:, None, None] - self.window  # [B, S, K]
+        # the window's keys are kept anyway and, as in the paper, take no part in the pooling
+        s = jnp.where(in_window, 0.0, _received(probs, observe))
+        s = _pool_by_position(s, pos, self.kernel)
+        return _protect(s, in_window, pos), None
