@@ -245,7 +245,8 @@ def main(argv=None):
     t2 = time.perf_counter()
     for p, o in zip(args.prompt, outs):
         print(f"{p}\033[1m{o}\033[0m" if sys.stdout.isatty() else f"{p}{o}")
-    cache_bytes = method.bytes_per_token(model.cfg)
+    n = max(len(model.tokenizer.encode(p)) for p in args.prompt) + args.max_new_tokens  # the cache's max_len
+    cache_bytes = round(method.kv_bytes_per_token(model.cfg, n), 1)  # eviction: fewer slots than tokens
     dense_bytes = Dense(dtype=args.dtype).bytes_per_token(model.cfg)
     print(f"[kvjax] model={args.model} method={method.name} KV bytes/token={cache_bytes} "
           f"(dense {dense_bytes}, saved {100 * (1 - cache_bytes / dense_bytes):.1f}%) "
