@@ -21,7 +21,8 @@ POLICIES = (
     ("H2O as kvpress (mean, no recent)", "h2o:recent=0,normalize=true", "ObservedAttention (H2O)"),
     ("SnapKV", "snapkv", "SnapKV"),
 )
-EXTRA = (  # eviction + quantization of the kept tokens
+EXTRA = (  # kept tokens stored in bfloat16, or quantized
+    ("SnapKV, bf16 K/V", "snapkv:dtype=bfloat16", 0.5), ("SnapKV, bf16 K/V", "snapkv:dtype=bfloat16", 0.75),
     ("SnapKV + int8", "snapkv:bits=8", 0.5), ("SnapKV + int4 g32", "snapkv:bits=4,group=32", 0.5),
     ("SnapKV + int8", "snapkv:bits=8", 0.75),
 )
@@ -93,12 +94,14 @@ def main(argv=None):
              "KV bytes/token: the prefix's cache (kept slots x (K, V, int32 position, + float32 score for h2o), "
              f"all layers) over its {args.prefix} tokens; dense float32 stores {_num(r0['dense_kv_bytes_per_token'])}. "
              "kvpress: " + ref.get("source", "no reference file given") + ".", "",
-             "| method | kvjax spec | evicted r | KV bytes/token | saved | kvjax ppl | kvpress ppl (press) |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "| method | kvjax spec | evicted r | KV bytes/token | saved vs fp32 | saved vs bf16 | kvjax ppl | "
+             "kvpress ppl (press) |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         p = peer(r["press"], r["ratio"])
+        bf16 = r["dense_kv_bytes_per_token"] * 2 / np.dtype(r["dense_dtype"]).itemsize
         lines.append(f"| {r['label']} | `{r['spec']}` | {'' if r['ratio'] is None else r['ratio']} | "
-                     f"{_num(r['kv_bytes_per_token'])} | {100 * r['kv_saved']:.1f}% | {r['ppl']:.2f} | "
+                     f"{_num(r['kv_bytes_per_token'])} | {100 * r['kv_saved']:.1f}% | "
+                     f"{100 * (1 - r['kv_bytes_per_token'] / bf16):.1f}% | {r['ppl']:.2f} | "
                      f"{p + (' (' + r['press'] + ')' if p and r['ratio'] is not None else '')} |")
     with open(os.path.join(args.out, "eviction_cpu.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
