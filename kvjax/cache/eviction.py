@@ -3,6 +3,8 @@
 Three policies behind one mechanism:
 
 * ``streaming`` (StreamingLLM, Xiao et al. 2023): the first ``sinks`` tokens and the most recent ones.
+  Kept keys keep their original positions (as kvpress does); the paper's re-indexing of positions within
+  the cache, which matters only past the model's trained context, is not done.
 * ``h2o`` (Heavy-Hitter Oracle, Zhang et al. 2023): the tokens with the largest attention accumulated over
   every query that has seen them ("heavy hitters"), plus a share ``recent`` of the slots for the most
   recent tokens.
