@@ -172,6 +172,9 @@ def test_bad_settings_are_clear_errors():
     params = init_params(cfg, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="protocol continue"):
         perplexity((params, cfg), np.arange(64) % 90, kvjax.get_method("snapkv", ratio=0.5), context=32)
+    from eval.zeroshot import loglikelihoods
+    with pytest.raises(ValueError, match="zero-shot through eviction"):
+        loglikelihoods((params, cfg), [([5, 6], [7])], kvjax.get_method("h2o", ratio=0.5))
 
 
 @dataclasses.dataclass(frozen=True)
