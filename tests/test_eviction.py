@@ -1,5 +1,6 @@
-"""Token eviction (kvjax.cache.eviction): exactness without eviction, which tokens each policy keeps, ragged
-batches, byte accounting, settings errors, and the compress-then-continue evaluation."""
+"""Token eviction (kvjax.cache.eviction): which tokens each policy keeps, ragged batches, byte accounting,
+settings errors, and the compress-then-continue evaluation. (Exactness when nothing is evicted, and a
+prefill's own logits equal to dense, are checked for every eviction method by tests/test_methods.py.)"""
 
 import dataclasses
 
@@ -19,30 +20,11 @@ from kvjax.generate import decode_step, generate, prefill
 from kvjax.models import init_params
 from kvjax.models.layers import attention
 
-POLICIES = ("streaming", "h2o", "snapkv")
-
-
 def kept(cache, layer=0):
     """{(row, kv head): sorted kept positions} of one layer."""
     pos = np.asarray(cache.layers[layer]["pos"])  # [B, C, K]
     return {(b, h): sorted(int(p) for p in pos[b, :, h] if p != EMPTY)
             for b in range(pos.shape[0]) for h in range(pos.shape[2])}
-
-
-@pytest.mark.parametrize("name", POLICIES)
-def test_capacity_at_least_the_context_equals_dense(tiny, name):
-    cfg, params = tiny
-    method = kvjax.get_method(name, budget=16)  # capacity = max_len: nothing is ever evicted
-    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 11), 0, cfg.vocab_size)
-    c, d = method.init(cfg, 2, 16), Dense().init(cfg, 2, 16)
-    lc, c = prefill(params, cfg, tokens[:, :5], c, method=method, all_logits=True)
-    ld, d = prefill(params, cfg, tokens[:, :5], d, all_logits=True)
-    np.testing.assert_allclose(np.asarray(lc), np.asarray(ld), atol=1e-5, rtol=1e-5)
-    for i in range(5, 11):
-        lc, c = decode_step(params, cfg, tokens[:, i], c, method=method)
-        ld, d = decode_step(params, cfg, tokens[:, i], d)
-        np.testing.assert_allclose(np.asarray(lc), np.asarray(ld), atol=1e-5, rtol=1e-5)
-    assert all(p == list(range(11)) for p in kept(c, cfg.n_layers - 1).values())
 
 
 def test_streaming_keeps_exactly_the_sinks_and_the_recent_tokens():
@@ -100,22 +82,25 @@ def test_snapkv_pooling_follows_positions_not_slots():
     np.testing.assert_allclose(pooled, [0.0, 1.0, 0.0, 1.0, 0.0])  # positions 0 and 1 share it, not 2 or 3
 
 
-@pytest.mark.parametrize("spec", ["streaming:budget=4,sinks=1", "h2o:budget=4", "snapkv:budget=4,window=2,bits=8"])
-def test_ragged_batch_equals_each_row_alone(spec):
+def test_ragged_batch_equals_each_row_alone():
+    # (streaming's ragged kept positions and snapkv's ragged generation are tested below)
     cfg = TINY["llama"]
     params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
-    method = kvjax.parse_method(spec)
+    method = kvjax.get_method("h2o", budget=4, bits=8)  # scores carried across calls, quantized slots
     rows = [np.arange(7) % 90 + 5, np.arange(4) % 90 + 30]
     tokens = np.zeros((2, 7), np.int32)
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
-    nxt = jnp.asarray([11, 12], jnp.int32)
-    lb, cb = prefill(params, cfg, jnp.asarray(tokens), method.init(cfg, 2, 12), method=method,
-                     seq_lens=jnp.asarray([7, 4]))
-    db, cb = decode_step(params, cfg, nxt, cb, method=method)
-    for i, r in enumerate(rows):
-        l1, c1 = prefill(params, cfg, jnp.asarray(r[None], jnp.int32), method.init(cfg, 1, 12), method=method)
-        d1, c1 = decode_step(params, cfg, nxt[i:i + 1], c1, method=method)
+    nxt = np.asarray([11, 12], np.int32)
+
+    def run(tok, lens, nx):  # prefill + one decode step; the same shapes every time (one compilation)
+        lg, c = prefill(params, cfg, jnp.asarray(tok), method.init(cfg, 2, 12), method=method, seq_lens=jnp.asarray(lens))
+        dl, c = decode_step(params, cfg, jnp.asarray(nx), c, method=method)
+        return lg, dl, c
+
+    lb, db, cb = run(tokens, [7, 4], nxt)
+    for i, r in enumerate(rows):  # the row alone: a batch of two copies of it
+        l1, d1, c1 = run(tokens[[i, i]], [len(r)] * 2, nxt[[i, i]])
         np.testing.assert_allclose(np.asarray(lb[i]), np.asarray(l1[0]), atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(db[i]), np.asarray(d1[0]), atol=1e-5, rtol=1e-5)
         for layer in range(cfg.n_layers):
@@ -202,21 +187,15 @@ def test_continue_protocol_reads_the_compressed_prefix_and_its_own_tokens():
     got = window_nll(params, None, tokens, w, cfg=cfg, method=stream, prefix=p)
     ref = window_nll(params, None, tokens, w, cfg=cfg, method=_Hidden(hide=tuple(range(2, 8)), after=p), prefix=p)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-4)
-    dense = window_nll(params, None, tokens, w, cfg=cfg, method=Dense(), prefix=p)
-    np.testing.assert_allclose(np.asarray(got[:, :p - 1]), np.asarray(dense[:, :p - 1]), atol=1e-4, rtol=1e-4)
-    assert not np.allclose(np.asarray(got[:, p:]), np.asarray(dense[:, p:]), atol=1e-4)
 
 
 def test_continue_protocol_records_the_bytes_the_prefix_keeps():
     cfg = TINY["llama"]
     params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, 96)
-    base = perplexity((params, cfg), ids, Dense(), context=32, protocol="continue", prefix=24)
-    same = perplexity((params, cfg), ids, kvjax.get_method("h2o", ratio=0.0), context=32, protocol="continue", prefix=24)
-    assert same["nll_sum"] == pytest.approx(base["nll_sum"], rel=1e-5)  # nothing evicted: dense
     m = kvjax.get_method("snapkv", ratio=0.75, window=4)
     res = perplexity((params, cfg), ids, m, context=32, protocol="continue", prefix=24)
-    assert res["tokens"] == base["tokens"] == 3 * 8 and res["kv_bytes_at_context"] == 24
+    assert res["tokens"] == 3 * 8 and res["kv_bytes_at_context"] == 24
     assert res["kv_cache_bytes_per_window"] == m.cache_nbytes(cfg, 1, 24) == m.init(cfg, 1, 24).nbytes
     assert res["kv_bytes_per_token"] == pytest.approx(6 * m.bytes_per_token(cfg) / 24)  # 6 of 24 slots kept
     assert 0.7 < res["kv_saved"] < 0.75  # a quarter of the prefix, positions counted

@@ -7,7 +7,8 @@ and the order property of the method's kind:
 * eviction methods (``write_then_read = False``): that equality does not hold once tokens are evicted (a
   prefill attends within its chunk exactly and evicts at its end; decoding evicts at every step, so later
   tokens see fewer keys). What holds instead: a prefill's own logits equal the dense cache's (nothing is
-  evicted before the chunk's queries read it). tests/test_eviction.py checks the rest."""
+  evicted before the chunk's queries read it), and with every token kept (the easy settings) decoding
+  equals dense too. tests/test_eviction.py checks the rest."""
 
 import jax
 import jax.numpy as jnp
@@ -69,9 +70,14 @@ def test_method(tiny, name, level):
     assert cache.lengths.tolist() == [9, 9]
     tol = 2e-2 if "bfloat16" in settings.values() else 1e-4
     if not method.write_then_read:
-        # eviction: the prefill's queries attend over their own chunk exactly, as with the dense cache
-        dense, _ = prefill(params, cfg, tokens, Dense().init(cfg, b, s), all_logits=True)
+        # eviction: the prefill's queries attend over their own chunk exactly, as with the dense cache; the
+        # easy settings keep 9 slots, every token here: the decode step equals dense too
+        dense, dc = prefill(params, cfg, tokens, Dense().init(cfg, b, s), all_logits=True)
         np.testing.assert_allclose(np.asarray(full), np.asarray(dense), atol=1e-4, rtol=1e-4)
+        if level == "easy":
+            assert method.capacity(s) >= 9
+            dl, _ = decode_step(params, cfg, tokens[:, 0], dc)
+            np.testing.assert_allclose(np.asarray(logits), np.asarray(dl), atol=1e-4, rtol=1e-4)
         return
     # write-then-read: one prefill equals token-by-token decoding through the same cache
     c2 = method.init(cfg, b, s, mp)
