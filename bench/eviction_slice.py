@@ -1,7 +1,8 @@
 """Token eviction (streaming, h2o, snapkv) beside kvpress on the same slice, on CPU, compress-then-continue:
 ``python -m bench.eviction_slice --out results/smollm2/eviction-cpu`` (first 8 windows of WikiText-2 test,
 512 tokens each, the first 384 prefilled and compressed, the last 128 scored; one JSON per method, skipped
-when present, then a markdown table). kvpress's figures for the same protocol and tokens are read from
+when present, then a markdown table; token-by-token runs of ``eval.perplexity --chunk 1`` found in
+OUT/decode are tabulated too). kvpress's figures for the same protocol and tokens are read from
 ``--reference`` (a JSON file of measured peer figures with its source), never computed here.
 """
 
@@ -104,6 +105,34 @@ def main(argv=None):
                      f"{100 * (1 - r['kv_bytes_per_token'] / bf16):.1f}% | {r['ppl']:.2f} | "
                      f"{p + (' (' + r['press'] + ')' if p and r['ratio'] is not None else '')} |")
     with open(os.path.join(args.out, "eviction_cpu.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    decode_table(os.path.join(args.out, "decode"))
+
+
+def decode_table(folder: str) -> None:
+    """Tabulates the token-by-token runs found in ``folder`` (JSON of ``eval.perplexity --chunk 1``) into
+    ``folder/decode_cpu.md``; does nothing when there are none."""
+    import glob
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            rows.append(json.load(f))
+    if not rows:
+        return
+    rows.sort(key=lambda r: (r["method"] != "dense", r["kv_saved"], r["method_arg"]))
+    r0 = rows[0]
+    lines = [f"# Token eviction while decoding ({r0['date'][:10]}, {r0['device_kind']}, {r0['dtype']})", "",
+             f"WikiText-2 test, first {r0['windows']} windows of {r0['context']} tokens, every prediction scored "
+             f"({r0['tokens']}), each window fed one token per forward (`eval.perplexity --protocol full --chunk 1`): "
+             "the cache is made for the window, so ratio r keeps int(512 * (1 - r)) slots and eviction starts "
+             "once they are full (until then every token sees the whole window so far). Not comparable with the "
+             "compress-then-continue table.", "",
+             "| kvjax spec | KV bytes/token | saved vs fp32 | ppl |", "|---|---:|---:|---:|"]
+    lines += [f"| `{r['method_arg']}` | {_num(r['kv_bytes_per_token'])} | {100 * r['kv_saved']:.1f}% | {r['ppl']:.2f} |"
+              for r in rows]
+    with open(os.path.join(folder, "decode_cpu.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
