@@ -88,7 +88,8 @@ def main(argv=None):
 
     r0 = rows[0]
     lines = [f"# Token eviction beside kvpress ({r0['date'][:10]}, {r0['device_kind']}, {r0['dtype']})", "",
-             f"WikiText-2 test, first {args.windows} windows of {args.context} tokens (no BOS), compress-then-continue: "
+             f"WikiText-2 test, first {args.windows} windows of {args.context} tokens (no BOS), "
+             "compress-then-continue: "
              f"{args.prefix} tokens prefilled and compressed at the end of prefill, the last "
              f"{args.context - args.prefix} teacher-forced over that cache and scored ({r0['tokens']} predictions). "
              f"`python -m bench.eviction_slice --out {args.out}`.", "",

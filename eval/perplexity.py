@@ -26,9 +26,10 @@ Eviction methods (``streaming``, ``h2o``, ``snapkv``: ``write_then_read = False`
 tokens arrive in: a forward attends over what is kept *plus its own tokens exactly*, and evicts at its end.
 One prefill of a whole window would therefore score nothing compressed, so protocol ``full`` takes them
 only in chunks (``--chunk N``: each window is fed N tokens per forward, 1 being token-by-token decoding;
-every chunk attends over what the earlier ones left plus itself). Their main protocol is ``continue``: the prefix is prefilled and compressed at the end of prefill (the
-papers' and kvpress's order), then the continuation attends over the compressed prefix plus its own
-tokens causally (kept exactly within that forward, as kvpress does). Their cache is made for the prefix
+every chunk attends over what the earlier ones left plus itself). Their main protocol is ``continue``:
+the prefix is prefilled and compressed at the end of prefill (the papers' and kvpress's order), then the
+continuation attends over the compressed prefix plus its own tokens causally (kept exactly within that
+forward, as kvpress does). Their cache is made for the prefix
 (``method.init(cfg, B, P)``): ``ratio`` r keeps ``int(P * (1 - r))`` slots, kvpress's count, and the bytes
 reported (``kv_bytes_at_context`` = P) are those slots, positions and scores included, over P tokens.
 

@@ -24,11 +24,11 @@ from flax import struct
 from kvjax.cache.base import Cache, CacheMethod
 from kvjax.cache.dense import Dense
 from kvjax.config import ModelConfig
-from kvjax.models.transformer import forward
+from kvjax.models.transformer import forward, unembed
 
 
 def _last_valid(logits, seq_lens):
-    """logits [B, T, V] -> [B, V] at each row's last real token."""
+    """[B, T, ...] (logits or hidden states) -> [B, ...] at each row's last real token."""
     idx = jnp.clip(seq_lens - 1, 0, logits.shape[1] - 1)
     return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0]
 
@@ -43,8 +43,12 @@ def _prefill(params, cfg: ModelConfig, tokens, cache: Cache, *, method: CacheMet
     b, t = tokens.shape
     if seq_lens is None:
         seq_lens = jnp.full((b,), t, jnp.int32)
-    logits, cache = forward(params, cfg, tokens, cache, method, mparams, seq_lens=seq_lens)
-    return (logits if all_logits else _last_valid(logits, seq_lens)), cache
+    if all_logits:
+        return forward(params, cfg, tokens, cache, method, mparams, seq_lens=seq_lens)
+    # only the last real token's logits: unembed one position per row, not [B, T, V] (at B=256, T=2048
+    # the full float32 logits of a 49k vocabulary would take 103 GB)
+    hidden, cache = forward(params, cfg, tokens, cache, method, mparams, seq_lens=seq_lens, return_hidden=True)
+    return unembed(params, cfg, _last_valid(hidden, seq_lens)[:, None])[:, 0], cache
 
 
 def _decode_step(params, cfg: ModelConfig, tokens, cache: Cache, *, method: CacheMethod = Dense(), mparams=None):

@@ -34,7 +34,7 @@ def collect_kv(model, token_windows, batch: int = 4):
     from kvjax.cache.dense import Dense
     from kvjax.models.transformer import forward
 
-    cfg, method = model.cfg, Dense()
+    cfg, method = model.cfg, Dense(layout="bskd")  # [B, S, K, D] is read below
     windows = np.asarray(token_windows, np.int32)
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"token_windows must be a non-empty [W, T] array, got shape {windows.shape}")

@@ -94,7 +94,8 @@ def test_ragged_batch_equals_each_row_alone():
     nxt = np.asarray([11, 12], np.int32)
 
     def run(tok, lens, nx):  # prefill + one decode step; the same shapes every time (one compilation)
-        lg, c = prefill(params, cfg, jnp.asarray(tok), method.init(cfg, 2, 12), method=method, seq_lens=jnp.asarray(lens))
+        c = method.init(cfg, 2, 12)
+        lg, c = prefill(params, cfg, jnp.asarray(tok), c, method=method, seq_lens=jnp.asarray(lens))
         dl, c = decode_step(params, cfg, jnp.asarray(nx), c, method=method)
         return lg, dl, c
 

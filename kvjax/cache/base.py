@@ -65,10 +65,13 @@ class Cache:
         return self.replace(layers=tuple(layers))
 
 
-def write_at(buf, new, starts):
-    """Writes ``new`` [B, T, ...] into ``buf`` [B, S, ...] at per-sequence slot offsets ``starts`` [B]."""
+def write_at(buf, new, starts, axis: int = 1):
+    """Writes ``new`` [B, ..., T, ...] into ``buf`` [B, ..., S, ...] at per-sequence slot offsets
+    ``starts`` [B] along ``axis`` (the slot axis of both; 1 by default)."""
     def one(b, n, s):
-        return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (s,) + (0,) * (b.ndim - 1))
+        idx = [0] * b.ndim
+        idx[axis - 1] = s
+        return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), tuple(idx))
 
     return jax.vmap(one)(buf, new, starts)
 

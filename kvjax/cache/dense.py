@@ -4,31 +4,72 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from kvjax.cache.base import CacheMethod, write_at
 from kvjax.cache.registry import register
+from kvjax.models.layers import attention
+
+LAYOUTS = ("bksd", "bskd")
 
 
 @register("dense")
 @dataclasses.dataclass(frozen=True)
 class Dense(CacheMethod):
-    """Stores K and V as they are, in ``dtype``."""
+    """Stores K and V as they are, in ``dtype``.
+
+    ``layout`` "bskd" ([B, S, K, D], the layout ``read_layer`` returns) or head-major "bksd"
+    ([B, K, S, D], whose leading (B, K) batch dims let XLA's batched matmuls read the cache where it
+    lies instead of transposing it first; bench/decode_profile.py measures both).
+    """
 
     name = "dense"
     dtype: str = "float32"
+    layout: str = "bskd"
+    kernel: str = "xla"  # decode attention (one new token): "xla" or "pallas" (jax's split-K decode kernel)
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"dense layout={self.layout!r}; choose one of {LAYOUTS}")
+        if self.kernel not in ("xla", "pallas"):
+            raise ValueError(f"dense kernel={self.kernel!r}; choose xla or pallas")
+        if self.kernel == "pallas" and self.layout != "bskd":
+            raise ValueError("dense kernel=pallas reads the [B, S, K, D] layout: use layout=bskd")
 
     def init_layer(self, cfg, layer, batch, max_len):
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)  # [B, S, K, D]
+        k, d = cfg.n_kv_heads, cfg.head_dim
+        shape = (batch, k, max_len, d) if self.layout == "bksd" else (batch, max_len, k, d)
         return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
 
     def write_layer(self, params, cfg, state, layer, k, v, positions, starts):
         k = self.rotate_keys(cfg, k, positions)
+        if self.layout == "bksd":  # new tokens [B, T, K, D] -> [B, K, T, D], written along the slot axis 2
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            return {"k": write_at(state["k"], k, starts, axis=2), "v": write_at(state["v"], v, starts, axis=2)}
         return {"k": write_at(state["k"], k, starts), "v": write_at(state["v"], v, starts)}
 
     def read_layer(self, params, cfg, cache, layer):
         state = cache.layers[layer]
+        if self.layout == "bksd":
+            return state["k"].transpose(0, 2, 1, 3), state["v"].transpose(0, 2, 1, 3)
         return state["k"], state["v"]
+
+    def attend(self, params, cfg, cache, layer, q, positions):
+        state = cache.layers[layer]
+        if self.kernel == "pallas" and q.shape[1] == 1:
+            from pallas_kernels.decompress_attention.api import dense_attend
+
+            out = dense_attend(q[:, 0], state["k"].astype(q.dtype), state["v"].astype(q.dtype), positions[:, 0] + 1,
+                               implementation="pallas")
+            return out[:, None]
+        k, v = state["k"].astype(q.dtype), state["v"].astype(q.dtype)
+        if self.layout == "bksd" and q.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+            # XLA:CPU sometimes lowers the head-major bf16 x bf16 -> f32 batched dot to a thunk that
+            # refuses it ("Unsupported element type for DotThunk"); CPU has no bf16 matmul speed to lose
+            q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+            return attention(q, k, v, positions, kv_layout=self.layout).astype(jnp.bfloat16)
+        return attention(q, k, v, positions, kv_layout=self.layout)
 
     def layer_bytes_per_token(self, cfg, layer):
         return 2 * cfg.kv_width * jnp.dtype(self.dtype).itemsize

@@ -48,21 +48,25 @@ def gelu_new(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def attention_probs(q, k, q_pos, k_pos=None):
+def attention_probs(q, k, q_pos, k_pos=None, kv_layout: str = "bskd"):
     """Causal grouped-query attention weights.
 
-    q: [B, T, H, D] (already rotated), k: [B, S, K, D], q_pos: [B, T] absolute positions of the queries.
-    k_pos: positions of the keys, [B, S] (every kv head holds the same tokens) or [B, S, K] (each kv head
-    its own, as eviction keeps them), default ``arange(S)`` (slot s holds position s). A key is seen iff
-    ``k_pos <= q_pos``. Returns float32 [B, K, G, T, S], each query's weights summing to 1.
+    q: [B, T, H, D] (already rotated); k: [B, S, K, D] (``kv_layout="bskd"``) or head-major [B, K, S, D]
+    (``"bksd"``); q_pos: [B, T] absolute positions of the queries. k_pos: positions of the keys, [B, S]
+    (every kv head holds the same tokens) or [B, S, K] (each kv head its own, as eviction keeps them),
+    default ``arange(S)`` (slot s holds position s). A key is seen iff ``k_pos <= q_pos``.
+    Returns float32 [B, K, G, T, S], each query's weights summing to 1.
     """
+    if kv_layout not in ("bskd", "bksd"):
+        raise ValueError(f"kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
     b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    s_axis, k_axis = (1, 2) if kv_layout == "bskd" else (2, 1)
+    s, kh = k.shape[s_axis], k.shape[k_axis]
     g = h // kh
     if k_pos is None:
         k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     qg = q.reshape(b, t, kh, g, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
     if k_pos.ndim == 2:
         mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, T, S]
@@ -72,19 +76,21 @@ def attention_probs(q, k, q_pos, k_pos=None):
     return jax.nn.softmax(scores, axis=-1)
 
 
-def attention(q, k, v, q_pos, k_pos=None):
+def attention(q, k, v, q_pos, k_pos=None, kv_layout: str = "bskd"):
     """Causal grouped-query attention over a cache.
 
-    q: [B, T, H, D] (already rotated), k, v: [B, S, K, D], q_pos: [B, T] absolute positions of the queries.
+    q: [B, T, H, D] (already rotated); k, v: [B, S, K, D] (``kv_layout="bskd"``) or head-major
+    [B, K, S, D] (``"bksd"``: the layout whose (B, K) batch dims lead, so XLA's batched matmuls read the
+    cache in place instead of transposing it first); q_pos: [B, T] absolute positions of the queries.
     k_pos: [B, S] (or per kv head [B, S, K]) positions of the keys, default ``arange(S)`` (slot s holds
     position s). A key is seen iff ``k_pos <= q_pos``; slots past a sequence's length hold stale data and
     are never seen, because every query of that sequence sits before them. Returns [B, T, H, D] in q's dtype.
     """
     b, t, h, d = q.shape
-    probs = attention_probs(q, k, q_pos, k_pos)
-    return attend_values(probs, v).reshape(b, t, h, d).astype(q.dtype)
+    probs = attention_probs(q, k, q_pos, k_pos, kv_layout)
+    return attend_values(probs, v, kv_layout).reshape(b, t, h, d).astype(q.dtype)
 
 
-def attend_values(probs, v):
-    """probs [B, K, G, T, S] x v [B, S, K, D] -> float32 [B, T, K, G, D]."""
-    return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+def attend_values(probs, v, kv_layout: str = "bskd"):
+    """probs [B, K, G, T, S] x v [B, S, K, D] (``kv_layout="bksd"``: [B, K, S, D]) -> float32 [B, T, K, G, D]."""
+    return jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
