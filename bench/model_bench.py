@@ -43,7 +43,11 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--loop-steps", type=int, default=16,
                     help="decode steps per jitted fori_loop for the loop columns (generate's way of decoding)")
+    ap.add_argument("--kernel", default=None, help="override the method's decode kernel setting (e.g. xla, auto)")
     ap.add_argument("--random-weights", action="store_true", help="SmolLM2-135M shapes with random weights")
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="prefill in chunks of this many tokens (0: the whole context at once); the attention "
+                         "scores of one chunk take B x H x chunk x S x 4 bytes")
     ap.add_argument("--align", type=int, default=256, help="round the cache length up to a multiple of this")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -70,6 +74,11 @@ def main(argv=None):
     elif hasattr(method, "dtype"):
         import dataclasses
         method = dataclasses.replace(method, dtype=args.dtype)
+    if args.kernel:
+        import dataclasses
+        if not any(f.name == "kernel" for f in dataclasses.fields(method)):
+            raise SystemExit(f"--kernel: method {method.name!r} has no kernel setting")
+        method = dataclasses.replace(method, kernel=args.kernel)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
     rows = []
     for ctx in [int(x) for x in args.contexts.split(",")]:
@@ -77,10 +86,14 @@ def main(argv=None):
             rng = np.random.default_rng(0)
             tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, ctx)), jnp.int32)
             try:
+                chunk = args.prefill_chunk or ctx
+
                 def run_prefill():
                     max_len = -(-(ctx + 1 + args.loop_steps) // args.align) * args.align
                     cache = method.init(cfg, b, max_len, mparams)
-                    logits, cache = prefill(params, cfg, tokens, cache, method=method, mparams=mparams)
+                    for i in range(0, ctx, chunk):  # chunks bound the [B, T, S] attention scores' memory
+                        logits, cache = prefill(params, cfg, tokens[:, i:i + chunk], cache, method=method,
+                                                mparams=mparams)
                     jax.block_until_ready(logits)
                     return cache
 
@@ -129,7 +142,9 @@ def main(argv=None):
                          "loop_vs_roofline": t_loop / roof})
             print(json.dumps(rows[-1]), flush=True)
     meta = {"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0].device_kind),
-            "jax": jax.__version__, "model": args.model + (" (random weights)" if args.random_weights else ""), "method": args.method, "dtype": args.dtype,
+            "jax": jax.__version__, "model": args.model + (" (random weights)" if args.random_weights else ""), "method": args.method if not args.compressor else f"compressor {args.compressor}", "kernel": args.kernel,
+            "dtype": args.dtype,
+            "prefill_chunk": args.prefill_chunk or None,
             "hbm_bytes_per_s": HBM_BYTES_PER_S}
     lines = [f"# Model throughput ({meta['model']}, {meta['method']}, {meta['dtype']})", "",
              f"{meta['date']}, {meta['device']}, jax {meta['jax']}. Roofline of a decode step = (weights + KV read) "

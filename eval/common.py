@@ -53,10 +53,13 @@ def tree_bytes(tree) -> int:
 
 
 def method_spec(method) -> str:
-    """``name:key=value,...`` of a method's settings (nested methods print as their repr)."""
+    """``name:key=value,...`` of the settings that differ from their defaults (parseable by
+    ``kvjax.parse_method``; nested methods print as their repr)."""
     fields = []
     for f in dataclasses.fields(method):
         v = getattr(method, f.name)
+        if f.default is not dataclasses.MISSING and v == f.default:
+            continue
         if isinstance(v, tuple):
             v = "+".join(str(x) for x in v)
         fields.append(f"{f.name}={v}")

@@ -28,8 +28,8 @@ def test_cache_is_immutable_pytree(tiny):
     for a, b in zip(before, jax.tree_util.tree_leaves(cache)):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert new.lengths.tolist() == [3, 3]
-    assert float(jnp.abs(new.layers[0]["v"][:, :3]).sum()) > 0
-    assert float(jnp.abs(new.layers[0]["v"][:, 3:]).sum()) == 0
+    assert float(jnp.abs(new.layers[0]["v"][:, :, :3]).sum()) > 0  # head-major [B, K, S, D]
+    assert float(jnp.abs(new.layers[0]["v"][:, :, 3:]).sum()) == 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -83,7 +83,7 @@ def test_chains_resolve_to_the_lowest_stored_layer():
     np.testing.assert_array_equal(k2[:, :, 0], cache.layers[1]["k"][:, :, 0])
     assert cache.layers[2] == {}
     # against the dense cache: the stored heads hold exactly what Dense stores for them
-    _, dense = prefill(params, cfg, tokens, Dense().init(cfg, 2, 6))
+    _, dense = prefill(params, cfg, tokens, Dense(layout="bskd").init(cfg, 2, 6), method=Dense(layout="bskd"))
     np.testing.assert_allclose(cache.layers[0]["k"], dense.layers[0]["k"], atol=1e-6)
 
 

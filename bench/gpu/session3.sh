@@ -24,6 +24,20 @@ for step in "$@"; do
         d=$OUT/mb_$(echo $m | tr ':=,' '___')
         python3 -m bench.model_bench --random-weights --method $m --reps 5 --out $d 2>&1 | grep -E "^\|" ; done
       tar -C $OUT -cf $OUT/model_bench.tar $(cd $OUT && ls -d mb_*) && rm -rf $OUT/mb_* ;;
+    capacity)  # issue 4: capacity at 80 GiB, computed and confirmed by allocating + decoding on the device
+      python3 -m eval.capacity --model smollm2-135m --dtype bfloat16 --memory-gb 79 --seq-len 4096 --batch 64 --verify \
+        --methods "dense:dtype=bfloat16;quantized:bits=8,dtype=bfloat16;quantized:bits=4,group=32,dtype=bfloat16${CAPACITY_EXTRA:-}" \
+        --compressor results/compressors/smollm2-k96v192-int8 --json $OUT/capacity.json 2>&1 | grep -v -E "slow_operation|Constant folding|^$" ;;
+    aebench)  # issue 6: the model's decode step with the fused kernel (kernel=auto) vs decode-then-attend (xla)
+      for k in auto xla; do
+        python3 -m bench.model_bench --dtype bfloat16 --compressor results/compressors/smollm2-k96v192-int8 --kernel $k \
+          --batches 16,64 --contexts 2048 --reps 5 --out $OUT/mb_ae_$k 2>&1 | grep -E "^\|" ; done
+      python3 -m bench.model_bench --random-weights --method dense:layout=bskd,kernel=pallas --batches 64 --contexts 2048 \
+        --reps 5 --out $OUT/mb_dense_pallas_nopad 2>&1 | grep -E "^\|"
+      tar -C $OUT -cf $OUT/aebench.tar mb_ae_auto mb_ae_xla mb_dense_pallas_nopad && rm -rf $OUT/mb_* ;;
+    report)  # the grid (cells already in results/smollm2/cells are skipped)
+      python3 -m eval.report --grid results/smollm2/grid.json --out results/smollm2 2>&1 | grep -v -E "slow_operation|Constant folding|^$" | tail -40
+      tar -cf $OUT/report.tar results/smollm2 ;;
     kernels1)
       export PYTHONPATH=$PWD
       python3 -m pallas_kernels.decompress_attention.bench --layers smollm2 --time-budget-s 480 --out $OUT/kernels_smollm2 2>&1 | tail -60 ;;

@@ -171,6 +171,23 @@ def _jax_decode_attention():
     return decode_attention if hasattr(decode_attention, "gqa") else None
 
 
+def _dense_splits(s: int, max_splits: int, max_block: int) -> tuple[int, int]:
+    """(k_splits, block_k) for jax's decode kernel on S slots: each split a whole number of blocks and,
+    where S allows, k_splits * block dividing S exactly (no padding copy of the cache); otherwise the
+    smallest padding."""
+    best = None
+    for block in (b for b in (128, 64, 32, 16) if b <= max_block):
+        n_blocks = -(-s // block)
+        for splits in range(min(max_splits, n_blocks), 0, -1):
+            if n_blocks % splits == 0:
+                pad = n_blocks * block - s
+                key = (pad, -splits * (block >= 64), -block)
+                if best is None or key < best[0]:
+                    best = (key, splits, block)
+                break
+    return best[1], best[2]
+
+
 def dense_attend(q, k, v, lengths, *, implementation: Implementation | None = None,
                  interpret: bool | None = None, k_splits: int = 16, block_k: int = 128):
     """Decode attention over an uncompressed cache: q [B, H, D], k, v [B, S, K, D], lengths [B].
@@ -184,12 +201,9 @@ def dense_attend(q, k, v, lengths, *, implementation: Implementation | None = No
     if mod is None:
         return _gqa_xla_jit(q, k, v, lengths)
     s = k.shape[1]
-    k_splits = max(1, min(k_splits, s // 16))
-    split = -(-s // k_splits)
-    block = min(block_k, max(16, 1 << (split - 1).bit_length()))
-    split = -(-split // block) * block
-    s_pad = split * k_splits
-    if s_pad != s:  # costs a copy: only for odd test shapes; benchmarks use aligned S
+    k_splits, block = _dense_splits(s, k_splits, block_k)
+    s_pad = -(-s // (k_splits * block)) * k_splits * block
+    if s_pad != s:  # costs a copy of the cache: only when S is not a multiple of 16
         k = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
     return mod.gqa(q, k, v, kv_seq_len=lengths.astype(jnp.int32), k_splits=k_splits, block_k=block,
