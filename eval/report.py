@@ -22,11 +22,13 @@ skips the cells already finished (a failed cell is recorded in the report and tr
 Outputs in ``OUT``: ``results.json``, ``results.md`` (tables with date and device), ``ppl_vs_saved_*.png``
 (KV memory saved vs perplexity, Pareto front marked) and ``capacity.png``.
 
-External results (e.g. a peer library's run) are JSON files holding one result object, a list of them,
-or ``{"results": [...]}``. Each needs a ``library`` field (the marker on the plots), ``method``, and for
-the perplexity plot ``ppl`` and ``kv_saved``; where they carry ``dataset``, ``protocol``, ``context`` or
-``prefix`` those must equal the perplexity task's for the point to join its plot (a comparison is fair
-only under the same protocol and tokens).
+External results (e.g. a peer library's run: ``python -m eval.peers kvpress --out DIR``) are JSON files
+holding one result object, a list of them, or ``{"results": [...]}``, or a folder of such files (every
+``*.json`` in it, in name order). Each needs a ``library`` field (the marker on the plots), ``method``, and
+for the perplexity plot ``ppl`` and ``kv_saved``; where a row and the task's own cells both carry
+``dataset``, ``protocol``, ``context``, ``prefix`` or ``tokens`` (the number of scored tokens) those must be
+equal for the point to join the task's table and plot (a comparison is fair only under the same protocol and
+tokens).
 
 Command line::
 
@@ -46,7 +48,7 @@ import traceback
 
 from eval.common import device_record, encode_no_bos, method_spec, now, write_json
 
-MATCH_KEYS = ("dataset", "protocol", "context", "prefix")
+MATCH_KEYS = ("dataset", "protocol", "context", "prefix", "tokens")
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -195,8 +197,14 @@ def run_grid(grid: dict, out_dir, model=None, data_dir=None, progress: bool = Fa
 
 
 def load_external(path) -> list[dict]:
-    """Result rows from an external JSON file; each must name its ``library``."""
+    """Result rows from an external JSON file, or from every ``*.json`` of a folder (name order); each row
+    must name its ``library``."""
     p = pathlib.Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.json") if not f.name.startswith("."))
+        if not files:
+            raise ValueError(f"{p}: external results folder holds no .json file")
+        return [{**row, "external_source": str(p)} for f in files for row in load_external(f)]
     try:
         obj = json.loads(p.read_text())
     except FileNotFoundError:
@@ -212,7 +220,7 @@ def load_external(path) -> list[dict]:
             raise ValueError(f"{p}: result {i} has no 'library' field (which library produced it?)")
         if "method" not in r:
             raise ValueError(f"{p}: result {i} has no 'method' field")
-        out.append({**r, "external_file": str(p), "label": r.get("label") or r["method"]})
+        out.append({**r, "external_file": str(p), "external_source": str(p), "label": r.get("label") or r["method"]})
     return out
 
 
@@ -241,7 +249,7 @@ def _task_rows(results: dict, task: dict) -> list[dict]:
              for m in results["grid"].get("methods", ["dense"])}
     rows = [c for c in results["cells"] if c.get("cell") in names]
     if task["task"] == "perplexity":
-        ref = {**_ppl_group(task), **({"dataset": rows[0].get("dataset")} if rows and "dataset" in rows[0] else {})}
+        ref = {**_ppl_group(task), **{k: rows[0][k] for k in ("dataset", "tokens") if rows and k in rows[0]}}
         rows += [r for r in results["external"] if "ppl" in r and r.get("task", "perplexity") == "perplexity"
                  and _matches(r, ref)]
     return rows
@@ -286,8 +294,8 @@ def markdown(results: dict, tasks: list[dict]) -> str:
                              f" | {_fmt(tps, '.1f')} |")
         lines.append("")
     if results["external"]:
-        lines += ["External results: " + ", ".join(sorted({f"{r['library']} ({r['external_file']})"
-                                                           for r in results["external"]})), ""]
+        sources = {f"{r['library']} ({r.get('external_source', r['external_file'])})" for r in results["external"]}
+        lines += ["External results: " + ", ".join(sorted(sources)), ""]
     return "\n".join(lines)
 
 
@@ -322,14 +330,29 @@ def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Pa
         pts = [(float(r["kv_saved"]), float(r["ppl"])) for r in rows]
         front = pareto_front(pts)
         libs = sorted({r["library"] for r in rows}, key=lambda x: (x != "kvjax", x))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 5))
         for li, lib in enumerate(libs):
             idx = [i for i, r in enumerate(rows) if r["library"] == lib]
             ax.scatter([100 * pts[i][0] for i in idx], [pts[i][1] for i in idx], marker=markers[li % len(markers)],
                        label=lib, zorder=3)
+            families: dict = {}  # a peer method at several ratios: one line, named in the legend
             for i in idx:
-                ax.annotate(str(rows[i]["label"])[:28], (100 * pts[i][0], pts[i][1]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                if rows[i].get("peer_method") and rows[i].get("ratio") is not None:
+                    families.setdefault(rows[i]["peer_method"], []).append(i)
+                else:
+                    ax.annotate(str(rows[i]["label"])[:34], (100 * pts[i][0], pts[i][1]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+            for fam, fi in sorted(families.items()):
+                fi = sorted(fi, key=lambda i: pts[i][0])
+                name = str(rows[fi[0]]["label"]).rsplit(" r=", 1)[0]
+                ax.plot([100 * pts[i][0] for i in fi], [pts[i][1] for i in fi], lw=1, alpha=0.7, zorder=2,
+                        marker=markers[li % len(markers)], ms=4, label=f"{lib}: {name}")
+        if max(p for _, p in pts) > 3 * min(p for _, p in pts):  # one runaway point must not flatten the rest
+            from matplotlib.ticker import ScalarFormatter
+            ax.set_yscale("log")
+            for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_fmt(ScalarFormatter())
+            ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.plot([100 * pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, zorder=2,
                 label="Pareto front")
         ax.scatter([100 * pts[i][0] for i in front], [pts[i][1] for i in front], s=120, facecolors="none",
@@ -340,7 +363,7 @@ def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Pa
         ax.set_title(f"{rows[0].get('dataset', task.get('dataset', ''))} · {g['protocol']} ctx={g['context']}"
                      + (f" prefix={g['prefix']}" if g["prefix"] else "") + f"\n{stamp}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         name = out / f"ppl_vs_saved_{task_slug(task)}.png"
         fig.savefig(name, dpi=120)

@@ -114,6 +114,9 @@ def test_protocol_continue_equals_full_pass(tiny):
     res = perplexity((params, cfg), ids, context=32, protocol="continue", prefix=20, batch=4)
     assert res["windows"] == 6 and res["tokens"] == 6 * 12
     assert res["protocol"] == "continue" and res["prefix"] == 20 and res["context"] == 32
+    # bytes per token are counted on the prefix; the cache holds the whole window; the short tail is dropped
+    assert res["kv_bytes_at_context"] == 20 and res["kv_cache_bytes_per_window"] == 32 * res["kv_bytes_per_token"]
+    assert res["dropped_tail_tokens"] == 200 - 6 * 32 and res["used_tokens"] == 200
     # targets 20..31 of each window, scored from one full forward pass
     direct = sum(-direct_logprobs(params, cfg, ids[w * 32:(w + 1) * 32])[19:].sum() for w in range(6))
     assert res["nll_sum"] == pytest.approx(direct, rel=1e-5)
