@@ -42,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--prefix", type=int, default=384)
+    ap.add_argument("--batch", type=int, default=8, help="windows per forward call")
     ap.add_argument("--reference", default=None, help="kvpress figures (default OUT/kvpress_reference.json)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -65,7 +66,7 @@ def main(argv=None):
             if model is None:
                 model = kvjax.load("smollm2-135m")
                 ids = np.asarray(encode_no_bos(model.tokenizer, text.text), np.int32)
-            res = perplexity(model, ids, kvjax.parse_method(spec), context=args.context, batch=8,
+            res = perplexity(model, ids, kvjax.parse_method(spec), context=args.context, batch=args.batch,
                              protocol="continue", prefix=args.prefix, max_tokens=args.windows * args.context)
             res.update(text.record())
             res.update({"method_arg": spec, "library": "kvjax", "task": "perplexity"})
