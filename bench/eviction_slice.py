@@ -96,6 +96,8 @@ def main(argv=None):
              f"`python -m bench.eviction_slice --out {args.out}`.", "",
              "KV bytes/token: the prefix's cache (kept slots x (K, V, int32 position, + float32 score for h2o), "
              f"all layers) over its {args.prefix} tokens; dense float32 stores {_num(r0['dense_kv_bytes_per_token'])}. "
+             "'saved vs bf16' compares with a bfloat16 dense cache (half that): rows that keep float32 K/V "
+             "save nothing against it at r=0.5. "
              "kvpress: " + ref.get("source", "no reference file given") + ".", "",
              "| method | kvjax spec | evicted r | KV bytes/token | saved vs fp32 | saved vs bf16 | kvjax ppl | "
              "kvpress ppl (press) |", "|---|---|---:|---:|---:|---:|---:|---|"]
