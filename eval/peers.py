@@ -202,7 +202,7 @@ def window_bytes(kv_bytes_per_token: float, dense_bpt: float, context: int, pref
 
 # ---------------------------------------------------------------------------------------------- records
 RECORD_KEYS = ("ppl", "nll", "nll_sum", "tokens", "windows", "input_tokens", "used_tokens", "dropped_tail_tokens",
-               "context", "stride", "protocol", "prefix", "batch", "method", "kv_bytes_per_token",
+               "context", "stride", "protocol", "prefix", "chunk", "batch", "method", "kv_bytes_per_token",
                "dense_kv_bytes_per_token", "dense_dtype", "kv_saved", "kv_bytes_at_context",
                "kv_cache_bytes_per_window", "model", "model_sha256", "model_source", "dtype", "device_kind",
                "platform", "device_count", "wall_s", "date")
@@ -223,7 +223,7 @@ def make_record(job: Job, *, nll_sum: float, tokens: int, windows: int, input_to
     out = {"ppl": math.exp(mean), "nll": mean, "nll_sum": nll_sum, "tokens": int(tokens), "windows": int(windows),
            "input_tokens": int(input_tokens), "used_tokens": int(used_tokens),
            "dropped_tail_tokens": int(used_tokens - windows * context), "context": context, "stride": context,
-           "protocol": "continue", "prefix": prefix, "batch": batch, "method": job.spec,
+           "protocol": "continue", "prefix": prefix, "chunk": None, "batch": batch, "method": job.spec,
            "kv_bytes_per_token": kv, "dense_kv_bytes_per_token": int(dense_kv_bytes_per_token),
            "dense_dtype": dense_dtype, "kv_saved": 1.0 - kv / dense_kv_bytes_per_token,
            "kv_bytes_at_context": prefix, "kv_cache_bytes_per_window": window_bytes(kv, dense_kv_bytes_per_token,

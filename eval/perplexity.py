@@ -17,7 +17,7 @@ Protocols:
   non-overlapping windows; the first P tokens are prefilled through the method, then the other
   ``context - P`` tokens are teacher-forced in one second forward call over that cache, and only those
   ``context - P`` tokens are scored (the first of them is predicted by the prefill's last logit).
-* ``decode``: the windows and scores of ``full`` (non-overlapping), but every token goes through the cache
+* ``decode``: ``full`` fed one token per forward (``--chunk 1``): every token goes through the cache
   as one decode step (a ``lax.scan`` of single-token forward calls). For write-then-read methods and for
   KIVI this equals ``full``; methods that treat the tokens of one call differently from earlier ones
   (MiniCache merges a token only after the step that wrote it) must be measured this way.
@@ -26,8 +26,16 @@ The negative log-likelihood of every scored prediction is computed inside the ji
 [B, T, V] logits come back to the host) and summed on the host in float64. With several devices the
 window batch is sharded over them (kvjax.sharding); the last batch is padded and the pad rows masked out.
 
-Eviction methods, whose result depends on the order tokens arrive in and would be evaluated chunk by
-chunk, are not part of kvjax yet; this module makes no claim about them.
+Eviction methods (``streaming``, ``h2o``, ``snapkv``: ``write_then_read = False``) depend on the order
+tokens arrive in: a forward attends over what is kept *plus its own tokens exactly*, and evicts at its end.
+One prefill of a whole window would therefore score nothing compressed, so protocol ``full`` takes them
+only in chunks (``--chunk N``: each window is fed N tokens per forward, 1 being token-by-token decoding;
+every chunk attends over what the earlier ones left plus itself). Their main protocol is ``continue``:
+the prefix is prefilled and compressed at the end of prefill (the papers' and kvpress's order), then the
+continuation attends over the compressed prefix plus its own tokens causally (kept exactly within that
+forward, as kvpress does). Their cache is made for the prefix
+(``method.init(cfg, B, P)``): ``ratio`` r keeps ``int(P * (1 - r))`` slots, kvpress's count, and the bytes
+reported (``kv_bytes_at_context`` = P) are those slots, positions and scores included, over P tokens.
 
 Command line::
 
@@ -88,24 +96,32 @@ def plan_windows(n_tokens: int, context: int, stride: int | None = None, protoco
     return starts, weights
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "prefix", "decode"))
-def window_nll(params, mparams, tokens, weights, *, cfg, method, prefix: int = 0, decode: bool = False):
+def cache_len(method, context: int, prefix: int = 0) -> int:
+    """max_len of the cache a window runs through: the window, or for an eviction method under the
+    continue protocol the prefix it compresses (its slots are what the prefix keeps)."""
+    return prefix if prefix and not method.write_then_read else context
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "prefix", "chunk"))
+def window_nll(params, mparams, tokens, weights, *, cfg, method, prefix: int = 0, chunk: int = 0):
     """NLL of each scored prediction. tokens: [B, C] int32; weights: [B, C-1]. Returns [B, C-1] float32
     (zero where not scored). ``prefix`` > 0 runs the window as prefill(tokens[:, :prefix]) and then one
-    teacher-forced forward of the rest over that cache; ``decode`` feeds the window one token per step."""
+    teacher-forced forward of the rest over that cache (for eviction methods: over the compressed prefix
+    plus the rest's own tokens, causally; see :func:`cache_len` for the cache's size). ``chunk`` > 0 (with
+    no prefix; C a multiple of it) feeds the window ``chunk`` tokens per forward instead of all at once."""
     b, c = tokens.shape
-    cache = method.init(cfg, b, c, mparams)
-    if decode:
-        def step(cache, tok):  # tok: [B]
-            lg, cache = forward(params, cfg, tok[:, None], cache, method, mparams)
-            return cache, lg[:, 0]
-
-        _, logits = jax.lax.scan(step, cache, tokens[:, :-1].T)  # [C-1, B, V]
-        logits = jnp.swapaxes(logits, 0, 1)
-    elif prefix:
+    cache = method.init(cfg, b, cache_len(method, c, prefix), mparams)
+    if prefix:
         head, cache = forward(params, cfg, tokens[:, :prefix], cache, method, mparams)
         tail, _ = forward(params, cfg, tokens[:, prefix:], cache, method, mparams)
         logits = jnp.concatenate([head, tail], axis=1)[:, :-1]  # [B, C-1, V]
+    elif chunk:
+        def step(cache, tok):  # tok [B, chunk]
+            lg, cache = forward(params, cfg, tok, cache, method, mparams)
+            return cache, lg
+
+        _, logits = jax.lax.scan(step, cache, jnp.swapaxes(tokens.reshape(b, c // chunk, chunk), 0, 1))
+        logits = jnp.swapaxes(logits, 0, 1).reshape(b, c, -1)[:, :-1]
     else:
         logits, _ = forward(params, cfg, tokens, cache, method, mparams)
         logits = logits[:, :-1]
@@ -116,7 +132,8 @@ def window_nll(params, mparams, tokens, weights, *, cfg, method, prefix: int = 0
 
 
 def perplexity(model, token_ids, method=None, mparams=None, *, context: int = 512, stride: int | None = None,
-               batch: int = 8, protocol: str = "full", prefix: int | None = None, max_tokens: int | None = None,
+               batch: int = 8, protocol: str = "full", prefix: int | None = None, chunk: int | None = None,
+               max_tokens: int | None = None,
                progress: bool = False, devices=None) -> dict:
     """Perplexity of ``token_ids`` (a 1-D sequence, no BOS) through ``method`` (default dense float32).
 
@@ -138,6 +155,12 @@ def perplexity(model, token_ids, method=None, mparams=None, *, context: int = 51
     if ids.min() < 0 or ids.max() >= cfg.vocab_size:
         raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size})")
     starts, weights = plan_windows(int(ids.size), context, stride, protocol, prefix)
+    if chunk is not None:
+        if protocol != "full" or not 1 <= chunk < context or context % chunk:
+            raise ValueError(f"chunk={chunk} needs protocol full and a divisor of context={context} below it")
+    elif protocol == "full" and not method.write_then_read:
+        raise ValueError(f"{method.name} evicts at the end of each forward, so one prefill per window scores "
+                         f"nothing compressed: use protocol continue with a prefix, or protocol full with a chunk")
     method.validate(cfg, mparams)
 
     t0 = time.perf_counter()
@@ -157,7 +180,7 @@ def perplexity(model, token_ids, method=None, mparams=None, *, context: int = 51
         w[: len(s)] = weights[i: i + bsz]
         tok_d, w_d = batcher.shard((tok, w))
         nll = window_nll(params, mp, tok_d, w_d, cfg=cfg, method=method, prefix=prefix or 0,
-                         decode=protocol == "decode")
+                         chunk=1 if protocol == "decode" else (chunk or 0))
         nll_sum += float(np.asarray(nll, np.float64).sum())
         count += float(w.sum(dtype=np.float64))
         bar.update(len(s))
@@ -166,14 +189,14 @@ def perplexity(model, token_ids, method=None, mparams=None, *, context: int = 51
     bar.close()
     wall = time.perf_counter() - t0
 
-    per_window = jax.eval_shape(lambda p: method.init(cfg, 1, context, p), mparams).nbytes
+    per_window = jax.eval_shape(lambda p: method.init(cfg, 1, cache_len(method, context, prefix), p), mparams).nbytes
     mean = nll_sum / count
     out = {
         "ppl": math.exp(mean), "nll": mean, "nll_sum": nll_sum, "tokens": int(count), "windows": int(len(starts)),
         "input_tokens": n_input, "used_tokens": int(ids.size),
         "dropped_tail_tokens": int(ids.size - (starts[-1] + context)),
         "context": context, "stride": context if stride is None else int(stride), "protocol": protocol,
-        "prefix": prefix if protocol == "continue" else None, "batch": bsz,
+        "prefix": prefix if protocol == "continue" else None, "chunk": chunk, "batch": bsz,
         **kv_record(method, cfg, m.dtype, context=prefix if protocol == "continue" else context),
         "kv_cache_bytes_per_window": int(per_window),
         **m.record(), **device_record(), "wall_s": wall, "date": now(),
@@ -194,6 +217,8 @@ def main(argv=None):
     ap.add_argument("--stride", type=int, default=None, help="sliding windows: score the last S tokens of each")
     ap.add_argument("--protocol", default="full", choices=PROTOCOLS)
     ap.add_argument("--prefix", type=int, default=None, help="protocol continue: tokens prefilled per window")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="protocol full: feed each window N tokens per forward (needed by eviction methods)")
     ap.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
     ap.add_argument("--batch", type=int, default=8, help="windows per forward call")
     ap.add_argument("--no-progress", action="store_true")
@@ -207,7 +232,7 @@ def main(argv=None):
     method, mparams, spec = load_method(args.method, args.compressor, model)
     ids = encode_no_bos(model.tokenizer, text.text)
     res = perplexity(model, ids, method, mparams, context=args.context, stride=args.stride, batch=args.batch,
-                     protocol=args.protocol, prefix=args.prefix, max_tokens=args.max_tokens,
+                     protocol=args.protocol, prefix=args.prefix, chunk=args.chunk, max_tokens=args.max_tokens,
                      progress=not args.no_progress)
     res.update(text.record())
     res.update({"method_arg": spec, "compressor": args.compressor, "library": "kvjax",
@@ -215,7 +240,8 @@ def main(argv=None):
     if args.json:
         write_json(args.json, res)
     print(f"[eval.perplexity] {res['model']} {spec} {res['dataset']} ctx={res['context']} stride={res['stride']} "
-          f"{res['protocol']}{'' if res['prefix'] is None else ' prefix=%d' % res['prefix']}: "
+          f"{res['protocol']}{'' if res['prefix'] is None else ' prefix=%d' % res['prefix']}"
+          f"{'' if res['chunk'] is None else ' chunk=%d' % res['chunk']}: "
           f"ppl {res['ppl']:.4f} over {res['tokens']:,} tokens ({res['windows']} windows); "
           f"KV {res['kv_bytes_per_token']} B/token, saved {100 * res['kv_saved']:.1f}%; "
           f"{res['wall_s']:.1f}s on {res['device_count']}x {res['device_kind']}")

@@ -17,7 +17,8 @@ Conventions follow lm-evaluation-harness:
 Requests run through a fresh cache of the method per batch (``method.init`` + one prefill with per-row
 ``seq_lens``). Rows are right-padded; lengths are rounded up to a multiple of ``bucket`` (default 32) so
 that one compilation serves many batches; requests are sorted by length so batches are tight. With
-several devices the batch is sharded over them (pad rows masked out).
+several devices the batch is sharded over them (pad rows masked out). Eviction methods are refused: a
+single prefill attends within itself exactly and would score nothing compressed.
 
 Command line::
 
@@ -83,6 +84,9 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     m = Model.of(model)
     cfg = m.cfg
     method = Dense() if method is None else method
+    if not method.write_then_read:
+        raise ValueError(f"{method.name} evicts at the end of a forward: one prefill per request would score "
+                         f"nothing compressed (zero-shot through eviction is not implemented)")
     method.validate(cfg, mparams)
     n = len(requests)
     lens = np.array([len(c) + len(x) - 1 for c, x in requests], np.int64)

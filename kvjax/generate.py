@@ -63,10 +63,10 @@ decode_step = jax.jit(_decode_step, static_argnames=("cfg", "method"), donate_ar
 
 def prefill(params, cfg: ModelConfig, tokens, cache: Cache, **kwargs):
     """Jitted :func:`_prefill` behind checks of what is known before tracing (a window longer than the
-    cache would otherwise be clamped silently by the slot writes)."""
+    cache would otherwise be clamped silently by the slot writes; eviction methods take any length)."""
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"prefill tokens must be [batch, T] with T >= 1, got shape {tuple(tokens.shape)}")
-    if tokens.shape[1] > cache.max_len:
+    if tokens.shape[1] > cache.max_len and kwargs.get("method", Dense()).write_then_read:
         raise ValueError(f"prefill of {tokens.shape[1]} tokens does not fit a cache of max_len={cache.max_len}")
     if tokens.shape[0] != cache.batch:
         raise ValueError(f"prefill batch {tokens.shape[0]} != cache batch {cache.batch}")
@@ -249,7 +249,8 @@ def main(argv=None):
     t2 = time.perf_counter()
     for p, o in zip(args.prompt, outs):
         print(f"{p}\033[1m{o}\033[0m" if sys.stdout.isatty() else f"{p}{o}")
-    cache_bytes = method.bytes_per_token(model.cfg)
+    n = max(len(model.tokenizer.encode(p)) for p in args.prompt) + args.max_new_tokens  # the cache's max_len
+    cache_bytes = round(method.kv_bytes_per_token(model.cfg, n), 1)  # eviction: fewer slots than tokens
     dense_bytes = Dense(dtype=args.dtype).bytes_per_token(model.cfg)
     print(f"[kvjax] model={args.model} method={method.name} KV bytes/token={cache_bytes} "
           f"(dense {dense_bytes}, saved {100 * (1 - cache_bytes / dense_bytes):.1f}%) "

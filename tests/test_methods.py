@@ -1,7 +1,15 @@
 """One table of every registered cache method, an easy and a hard setting each, run on tiny GPT-2 and Llama:
 prefill + decode, finite outputs, shapes, physical bytes below dense, ``nbytes == cache_nbytes`` accounting,
-and one prefill equal to token-by-token decoding for every method that promises it (all but those listed in
-``PREFILL_IS_EXACT``)."""
+and the order property of the method's kind:
+
+* write-then-read methods (``method.write_then_read``): one prefill equals token-by-token decoding, since
+  every query reads back exactly what was written, whatever the order;
+* eviction methods (``write_then_read = False``): that equality does not hold once tokens are evicted (a
+  prefill attends within its chunk exactly and evicts at its end; decoding evicts at every step, so later
+  tokens see fewer keys). What holds instead: a prefill's own logits equal the dense cache's (nothing is
+  evicted before the chunk's queries read it), and with every token kept (the easy settings) decoding
+  equals dense too. tests/test_eviction.py checks the rest;
+* methods listed in ``PREFILL_IS_EXACT`` (MiniCache): a prefill equals the dense cache."""
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +39,10 @@ TABLE = {
     "kivi": ({"bits": 4, "group": 2, "value_group": 4, "residual": 2, "residual_dtype": "float32"},
              {"bits": 2, "group": 4, "value_group": 0, "residual": 0, "residual_dtype": "bfloat16"}),
     "minicache": ({"start": 1, "retain": 0.25}, {"start": 0, "retain": 0.0, "t": 0.3, "dtype": "bfloat16"}),
+    # eviction, max_len 12: easy keeps 9 slots (the 8-token prefill and one decode step fit), hard evicts
+    "streaming": ({"ratio": 0.25, "sinks": 2}, {"budget": 4, "sinks": 1, "bits": 4, "group": 4}, None),
+    "h2o": ({"ratio": 0.25}, {"budget": 4, "recent": 0.25, "normalize": True, "bits": 8}, None),
+    "snapkv": ({"ratio": 0.25, "window": 4}, {"budget": 3, "window": 2, "kernel": 3, "dtype": "bfloat16"}, None),
 }
 TABLE = {name: row if len(row) == 3 else row + (None,) for name, row in TABLE.items()}
 
@@ -73,7 +85,17 @@ def test_method(tiny, name, level):
         ref, _ = prefill(params, cfg, tokens, dense.init(cfg, b, s), method=dense, all_logits=True)
         np.testing.assert_allclose(np.asarray(full), np.asarray(ref), atol=tol, rtol=tol)
         return
-    # one prefill equals token-by-token decoding through the same cache
+    if not method.write_then_read:
+        # eviction: the prefill's queries attend over their own chunk exactly, as with the dense cache; the
+        # easy settings keep 9 slots, every token here: the decode step equals dense too
+        dense, dc = prefill(params, cfg, tokens, Dense().init(cfg, b, s), all_logits=True)
+        np.testing.assert_allclose(np.asarray(full), np.asarray(dense), atol=1e-4, rtol=1e-4)
+        if level == "easy":
+            assert method.capacity(s) >= 9
+            dl, _ = decode_step(params, cfg, tokens[:, 0], dc)
+            np.testing.assert_allclose(np.asarray(logits), np.asarray(dl), atol=1e-4, rtol=1e-4)
+        return
+    # write-then-read: one prefill equals token-by-token decoding through the same cache
     c2 = method.init(cfg, b, s, mp)
     steps = []
     for i in range(8):

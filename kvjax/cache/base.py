@@ -8,15 +8,17 @@ The model talks to a method through one call per layer and never looks inside th
 
     out, cache = method.write_attend(mparams, cfg, cache, layer, q, k, v, positions, seq_lens)
 
-which, unless a method overrides it, is the two calls::
+(q after RoPE, k before RoPE). Its default is the write-then-read order every storing method uses::
 
     cache = method.write(mparams, cfg, cache, layer, k, v, positions)   # k before RoPE
     out   = method.attend(mparams, cfg, cache, layer, q, positions)     # q after RoPE
 
+so such a method overrides only the per-layer hooks (and ``attend`` when it reads differently).
 Methods whose stored form of a token depends on when it arrived (KIVI's full-precision residual window,
 MiniCache's cross-layer merge) override ``write_attend``: they need the exact K/V of the current tokens
 beside the stored ones, and the real lengths ``seq_lens`` of right-padded rows (padding must not enter a
-quantization group).
+quantization group). Methods whose storage depends on the attention itself (eviction: which tokens to
+keep) override ``write_attend`` and set ``write_then_read = False``.
 
 ``write`` receives keys *before* RoPE so that a method may store pre-RoPE keys (more compressible)
 and rotate them when they are read; :meth:`CacheMethod.rotate_keys` is the helper for that.
@@ -44,7 +46,8 @@ class Cache:
 
     layers:  tuple with one pytree per layer, laid out by the method.
     lengths: [B] int32, tokens already stored for each sequence (the next token's position).
-    max_len: static number of token slots.
+    max_len: static sequence length the cache was made for (token slots for growing methods; eviction
+             methods allocate fewer slots than this and may run past it).
     """
 
     layers: tuple
@@ -80,10 +83,14 @@ def write_at(buf, new, starts, axis: int = 1):
 @dataclasses.dataclass(frozen=True)
 class CacheMethod:
     """Base class: settings only. Subclasses override ``init_layer``, ``write_layer``, ``read_layer``
-    and ``layer_bytes_per_token``; methods that attend differently (eviction, fused kernels) override
-    ``attend``."""
+    and ``layer_bytes_per_token``; methods that read differently (fused kernels) override ``attend``;
+    methods whose storage depends on the attention (eviction) override ``write_attend``."""
 
     name: ClassVar[str] = "base"
+    # True when attention reads back exactly what was written, so one prefill over T tokens equals T
+    # decode steps. False for order-dependent methods (eviction): a prefill attends within its chunk
+    # exactly and compresses at its end, token-by-token decoding evicts at every step.
+    write_then_read: ClassVar[bool] = True
 
     # --- lifecycle --------------------------------------------------------------------------------
     def init(self, cfg: ModelConfig, batch: int, max_len: int, params: Params = None) -> Cache:

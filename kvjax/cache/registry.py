@@ -66,6 +66,7 @@ def _load_builtin():
     # Importing the modules registers their methods.
     import kvjax.cache.autoencoder  # noqa: F401
     import kvjax.cache.dense  # noqa: F401
+    import kvjax.cache.eviction  # noqa: F401
     import kvjax.cache.kivi  # noqa: F401
     import kvjax.cache.minicache  # noqa: F401
     import kvjax.cache.quantized  # noqa: F401

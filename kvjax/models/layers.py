@@ -48,17 +48,15 @@ def gelu_new(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def attention(q, k, v, q_pos, k_pos=None, kv_layout: str = "bskd", mask=None):
-    """Causal grouped-query attention over a cache.
+def attention_probs(q, k, q_pos, k_pos=None, kv_layout: str = "bskd", mask=None):
+    """Causal grouped-query attention weights.
 
-    q: [B, T, H, D] (already rotated); k, v: [B, S, K, D] (``kv_layout="bskd"``) or head-major
-    [B, K, S, D] (``"bksd"``: the layout whose (B, K) batch dims lead, so XLA's batched matmuls read the
-    cache in place instead of transposing it first); q_pos: [B, T] absolute positions of the queries.
-    k_pos: [B, S] positions of the keys, default ``arange(S)`` (slot s holds position s). A key is seen
-    iff ``k_pos <= q_pos``; slots past a sequence's length hold stale data and are never seen, because
-    every query of that sequence sits before them. mask: [B, T, S] bool, when given, replaces that rule
-    (methods whose keys are visible by another rule, e.g. KIVI's quantized-or-exact view).
-    Returns [B, T, H, D] in q's dtype.
+    q: [B, T, H, D] (already rotated); k: [B, S, K, D] (``kv_layout="bskd"``) or head-major [B, K, S, D]
+    (``"bksd"``); q_pos: [B, T] absolute positions of the queries. k_pos: positions of the keys, [B, S]
+    (every kv head holds the same tokens) or [B, S, K] (each kv head its own, as eviction keeps them),
+    default ``arange(S)`` (slot s holds position s). A key is seen iff ``k_pos <= q_pos``. mask: [B, T, S]
+    bool, when given, replaces that rule (methods whose keys are visible by another rule, e.g. KIVI's
+    quantized-or-exact view). Returns float32 [B, K, G, T, S], each query's weights summing to 1.
     """
     if kv_layout not in ("bskd", "bksd"):
         raise ValueError(f"kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
@@ -66,15 +64,37 @@ def attention(q, k, v, q_pos, k_pos=None, kv_layout: str = "bskd", mask=None):
     s_axis, k_axis = (1, 2) if kv_layout == "bskd" else (2, 1)
     s, kh = k.shape[s_axis], k.shape[k_axis]
     g = h // kh
-    kv = "bskd" if kv_layout == "bskd" else "bksd"
     if k_pos is None:
         k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     qg = q.reshape(b, t, kh, g, d)
-    scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
-    if mask is None:
-        mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    if mask is not None:
+        mask = mask[:, None, None]  # [B, 1, 1, T, S]
+    elif k_pos.ndim == 2:
+        mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, T, S]
+    else:
+        mask = (jnp.swapaxes(k_pos, 1, 2)[:, :, None, :] <= q_pos[:, None, :, None])[:, :, None]  # [B, K, 1, T, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attention(q, k, v, q_pos, k_pos=None, kv_layout: str = "bskd", mask=None):
+    """Causal grouped-query attention over a cache.
+
+    q: [B, T, H, D] (already rotated); k, v: [B, S, K, D] (``kv_layout="bskd"``) or head-major
+    [B, K, S, D] (``"bksd"``: the layout whose (B, K) batch dims lead, so XLA's batched matmuls read the
+    cache in place instead of transposing it first); q_pos: [B, T] absolute positions of the queries.
+    k_pos: [B, S] (or per kv head [B, S, K]) positions of the keys, default ``arange(S)`` (slot s holds
+    position s). A key is seen iff ``k_pos <= q_pos``; slots past a sequence's length hold stale data and
+    are never seen, because every query of that sequence sits before them. mask: see
+    :func:`attention_probs`. Returns [B, T, H, D] in q's dtype.
+    """
+    b, t, h, d = q.shape
+    probs = attention_probs(q, k, q_pos, k_pos, kv_layout, mask)
+    return attend_values(probs, v, kv_layout).reshape(b, t, h, d).astype(q.dtype)
+
+
+def attend_values(probs, v, kv_layout: str = "bskd"):
+    """probs [B, K, G, T, S] x v [B, S, K, D] (``kv_layout="bksd"``: [B, K, S, D]) -> float32 [B, T, K, G, D]."""
+    return jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
