@@ -141,7 +141,7 @@ def test_kivi_stores_quantized_keys_within_a_step(llama):
     m = kvjax.get_method("kivi", bits=8, group=4, value_group=0, residual=0, residual_dtype="float32")
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 14), 0, cfg.vocab_size)
     _, cache = prefill(params, cfg, tokens, m.init(cfg, 2, 16), method=m)
-    _, dense = prefill(params, cfg, tokens, Dense().init(cfg, 2, 16), method=Dense())
+    _, dense = prefill(params, cfg, tokens, Dense(layout="bskd").init(cfg, 2, 16), method=Dense(layout="bskd"))
     k, v = m.read_layer(None, cfg, cache, 0)  # layer 0: same inputs as the dense run
     kd, vd = dense.layers[0]["k"], dense.layers[0]["v"]
     kg = kd[:, :12].reshape(2, 3, 4, cfg.n_kv_heads, cfg.head_dim)  # 3 complete groups of 4 tokens
