@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -243,3 +244,180 @@ def test_analyze_and_plan_cli_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(PlanError, match="sha256"):
         cli.main(["plan", "--similarity", str(out / "similarity.json"), "--model", "tiny", "--heads", "1",
                   "--out", str(plan_path)])
+
+
+# ------------------------------------------------------------------------------------------ composition
+def ae_mparams(cfg, latent, seed=0, same=False):
+    """Random linear autoencoders for every layer (the same ones for every layer when ``same``)."""
+    from kvjax.compressors.autoencoder import fold_variables, init_layer_variables
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), cfg.n_layers)
+    return fold_variables({str(l): init_layer_variables(keys[0 if same else l], cfg.kv_width, latent)
+                           for l in range(cfg.n_layers)})
+
+
+def inner_methods(cfg):
+    """(inner method, its mparams): an autoencoder with int8 latents, packed int4, bfloat16 dense."""
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.cache.quantized import Quantized
+
+    return [(Autoencoder(latent=6, latent_dtype="int8"), ae_mparams(cfg, 6)), (Quantized(bits=4, group=4), None),
+            (Dense(dtype="bfloat16"), None)]
+
+
+def run_logits(params, cfg, method, mp, tokens):
+    cache = method.init(cfg, tokens.shape[0], tokens.shape[1], mp)
+    out, cache = prefill(params, cfg, tokens, cache, method=method, mparams=mp, all_logits=True)
+    return np.asarray(out), cache
+
+
+def whole_layers(cfg, layers):
+    return tuple((l, h) for l in layers for h in range(cfg.n_kv_heads))
+
+
+def test_composition_reusing_nothing_equals_the_inner_method_exactly(tiny):
+    cfg, params = tiny
+    tokens = tokens_for(cfg)
+    for inner, mp in inner_methods(cfg):
+        want, wcache = run_logits(params, cfg, inner, mp, tokens)
+        modes = ("decoded", "latent") if inner.name == "autoencoder" else ("decoded",)
+        for mode in modes:
+            got, gcache = run_logits(params, cfg, Reuse(inner=inner, mode=mode), mp, tokens)
+            np.testing.assert_array_equal(got, want)
+            assert gcache.nbytes == wcache.nbytes == Reuse(inner=inner).cache_nbytes(cfg, 2, 10)
+
+
+def test_composition_on_identical_layers_gives_the_inner_result(tiny):
+    """Every layer computes the same K/V and (for the autoencoder) has the same coders: reading layer l-1's
+    decoded heads, or decoding its latent with layer l's own decoder, is what layer l would have stored."""
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.cache.quantized import Quantized
+
+    cfg, params = tiny
+    same = identical_layers(cfg, params)
+    tokens = tokens_for(cfg)
+    ae, mp = Autoencoder(latent=6, latent_dtype="int8"), ae_mparams(cfg, 6, same=True)
+    want, _ = run_logits(same, cfg, ae, mp, tokens)
+    for mode in ("decoded", "latent"):
+        for layers in ((1,), (2,), (1, 2)):  # (1, 2): layer 2 reads layer 0 along the chain
+            got, _ = run_logits(same, cfg, Reuse(plan=whole_layers(cfg, layers), inner=ae, mode=mode), mp, tokens)
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    q = Quantized(bits=4, group=4)
+    plan = ((1, 0), (2, 1), (2, 0))
+    np.testing.assert_allclose(run_logits(same, cfg, Reuse(plan=plan, inner=q), None, tokens)[0],
+                               run_logits(same, cfg, q, None, tokens)[0], atol=1e-5, rtol=1e-5)
+    # with each layer's own weights the reuse changes the output: it is really in the path
+    mp_diff = ae_mparams(cfg, 6)
+    diff = run_logits(params, cfg, Reuse(plan=whole_layers(cfg, (2,)), inner=ae), mp_diff, tokens)[0]
+    assert np.abs(diff - run_logits(params, cfg, ae, mp_diff, tokens)[0]).max() > 1e-3
+
+
+def test_composition_bytes_shrink_exactly_by_the_reused_share(tiny):
+    from kvjax.cache.autoencoder import Autoencoder
+
+    cfg, _ = tiny
+    n_heads = cfg.n_layers * cfg.n_kv_heads
+    for inner, mp in inner_methods(cfg):
+        full = inner.init(cfg, 2, 24, mp).nbytes
+        plans = [whole_layers(cfg, (1,)), whole_layers(cfg, (1, 2))]
+        if inner.name != "autoencoder":
+            plans += [((1, 0),), ((1, 0), (2, 1)), ((2, 0), (2, 1), (1, 1))]
+        for plan in plans:
+            m = Reuse(plan=plan, inner=inner)
+            cache = m.init(cfg, 2, 24, mp)
+            assert cache.nbytes == m.cache_nbytes(cfg, 2, 24) == m.bytes_per_token(cfg) * 2 * 24
+            assert cache.nbytes * n_heads == full * (n_heads - len(plan)), (inner, plan)
+    # an autoencoder that leaves layer 2 dense: layer 2's heads are reused one at a time, physically
+    ae = Autoencoder(latent=6, layers=(0, 1))
+    mp = ae_mparams(cfg, 6)
+    m = Reuse(plan=((2, 1),), inner=ae)
+    cache = m.init(cfg, 2, 24, mp)
+    dense_head = 2 * cfg.head_dim * 4 * 2 * 24  # K and V of one head, float32, B=2, S=24
+    assert cache.nbytes == m.cache_nbytes(cfg, 2, 24) == ae.init(cfg, 2, 24, mp).nbytes - dense_head
+    assert cache.layers[2]["k"].shape == (2, 24, cfg.n_kv_heads - 1, cfg.head_dim)
+
+
+def test_composition_reads_the_source_decoded_or_its_latent():
+    from kvjax.cache.autoencoder import Autoencoder
+
+    cfg = TINY["llama"]
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
+    ae, mp = Autoencoder(latent=6), ae_mparams(cfg, 6)
+    tokens = tokens_for(cfg, t=6)
+    for mode in ("decoded", "latent"):
+        m = Reuse(plan=whole_layers(cfg, (1, 2)), inner=ae, mode=mode)
+        _, cache = run_logits(params, cfg, m, mp, tokens)
+        assert cache.layers[1] == {} and cache.layers[2] == {}
+        k2, v2 = m.read_layer(mp, cfg, cache, 2)
+        coders = mp["2"] if mode == "latent" else mp["0"]
+        wk, wv = ae.decode(cfg, coders, *ae.latents(cache.layers[0]))
+        np.testing.assert_array_equal(k2, wk)
+        np.testing.assert_array_equal(v2, wv)
+    # prefill equals decoding token by token through the composed cache
+    m = Reuse(plan=whole_layers(cfg, (2,)), inner=Autoencoder(latent=6, latent_dtype="int8"), mode="latent")
+    full, _ = run_logits(params, cfg, m, mp, tokens)
+    cache = m.init(cfg, 2, 6, mp)
+    steps = []
+    for i in range(6):
+        lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
+        steps.append(lg)
+    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_composition_refuses_what_cannot_save_or_has_no_latent():
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.cache.quantized import Quantized
+
+    cfg = TINY["llama"]
+    mp = ae_mparams(cfg, 6)
+    with pytest.raises(ValueError, match=r"heads \[0\] of layer 1 but not all 2: .* mixes its heads"):
+        Reuse(plan=((1, 0),), inner=Autoencoder(latent=6)).init(cfg, 1, 8, mp)
+    with pytest.raises(ValueError, match="mode='latent' needs inner=Autoencoder"):
+        Reuse(plan=((1, 0),), inner=Quantized(bits=8), mode="latent")
+    with pytest.raises(ValueError, match="source layer 1 compressed"):
+        Reuse(plan=whole_layers(cfg, (2,)), inner=Autoencoder(latent=6, layers=(0, 2)), mode="latent").init(cfg, 1, 8, mp)
+    with pytest.raises(ValueError, match="mode="):
+        Reuse(mode="latents")
+    with pytest.raises(ValueError, match="reuse method"):
+        Reuse(inner=Reuse())
+
+
+def test_composed_method_saves_and_loads_as_a_compressor(tmp_path):
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.compressors import load_compressor, save_compressor
+
+    model = tiny_model()
+    m = Reuse(plan=whole_layers(model.cfg, (2,)), inner=Autoencoder(latent=6, latent_dtype="int8"), mode="latent")
+    mp = ae_mparams(model.cfg, 6)
+    path = save_compressor(str(tmp_path / "c"), m, mp, model)
+    m2, mp2 = load_compressor(path, model)
+    assert m2 == m
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), mp, mp2)
+
+
+def test_fitted_latent_decoders_recover_an_invertible_map():
+    """Identical layers, full-width random (invertible) encoders, layer 0 decoded exactly: the least-squares
+    decoders of the reused layers map layer 0's latent back to their K/V, so the result is the dense one."""
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.reuse import fit_latent_decoders
+
+    cfg = TINY["llama"]
+    model = tiny_model()
+    model = dataclasses.replace(model, params=identical_layers(cfg, model.params))
+    w = cfg.kv_width
+    mp = {}
+    for l in range(cfg.n_layers):
+        a = np.asarray(jax.random.normal(jax.random.PRNGKey(10 + l), (w, w))) / np.sqrt(w) + np.eye(w)
+        b = np.asarray(jax.random.normal(jax.random.PRNGKey(20 + l), (w,)))
+        enc = [{"w": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)}]
+        dec = [{"w": jnp.asarray(np.linalg.inv(a), jnp.float32), "b": jnp.asarray(-b @ np.linalg.inv(a), jnp.float32)}]
+        mp[str(l)] = {"k_enc": enc, "k_dec": dec, "v_enc": enc, "v_dec": dec}
+    mp["2"] = {**mp["2"], "k_dec": [{"w": jnp.zeros((w, w)), "b": jnp.zeros(w)}]}  # a useless decoder, to be fit
+    m = Reuse(plan=whole_layers(cfg, (1, 2)), inner=Autoencoder(latent=w), mode="latent")
+    windows = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (4, 16), 0, cfg.vocab_size))
+    fitted = fit_latent_decoders(model, m, mp, windows, batch=2, ridge=1e-9)
+    np.testing.assert_array_equal(fitted["0"]["k_dec"][0]["w"], mp["0"]["k_dec"][0]["w"])  # others unchanged
+    tokens = tokens_for(cfg)
+    dense = logits(model.params, cfg, Dense(), tokens)
+    np.testing.assert_allclose(run_logits(model.params, cfg, m, fitted, tokens)[0], dense, atol=2e-3, rtol=2e-3)
+    assert np.abs(run_logits(model.params, cfg, m, mp, tokens)[0] - dense).max() > 1e-2
