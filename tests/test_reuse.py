@@ -421,3 +421,102 @@ def test_fitted_latent_decoders_recover_an_invertible_map():
     dense = logits(model.params, cfg, Dense(), tokens)
     np.testing.assert_allclose(run_logits(model.params, cfg, m, fitted, tokens)[0], dense, atol=2e-3, rtol=2e-3)
     assert np.abs(run_logits(model.params, cfg, m, mp, tokens)[0] - dense).max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning after reuse
+def reuse_trainer(out, plan, mode="decoded", **kw):
+    from train.autoencoder import TrainConfig, Trainer, split_windows, windows_from_ids
+
+    rng = np.random.default_rng(0)
+    ids = (np.arange(4000) * 7 % 97 + rng.integers(0, 3, 4000)) % 97
+    tr, ev = split_windows(windows_from_ids(ids, 32), 4)
+    tc = TrainConfig(**{"latent": 6, "steps2": 8, "batch": 4, "context": 32, "eval_every": 8, "save_every": 4,
+                        "init": "pca", "lr2": 3e-3, "reuse_plan": plan, "reuse_mode": mode, "reuse_l1": 0.5, **kw})
+    return Trainer(tiny_model(), tr, ev, tc, str(out), progress=False)
+
+
+def training_forward(trainer, variables, tokens, plan, active):
+    from kvjax.models.transformer import forward
+
+    method = dataclasses.replace(trainer.train_method, plan=plan)
+    cache = method.init(trainer.cfg, tokens.shape[0], tokens.shape[1])
+    return forward(trainer.params, trainer.cfg, tokens, cache, method, {"vars": variables, "active": active})[1]
+
+
+@pytest.mark.parametrize("mode", ["decoded", "latent"])
+def test_reuse_loss_terms_on_a_tiny_model(tmp_path, mode):
+    from kvjax.compressors.autoencoder import LayerAutoencoders
+
+    cfg = TINY["llama"]
+    plan = whole_layers(cfg, (2,))
+    trainer = reuse_trainer(tmp_path / mode, plan, mode)
+    variables = trainer.init_variables()
+    tokens = jnp.asarray(trainer.train_windows[:2])
+    # reference: layer 2 not compressed (active 0) keeps its actual K/V; the layers below are the same
+    ref = training_forward(trainer, variables, tokens, (), jnp.asarray([1.0, 1.0, 0.0]))
+    got = training_forward(trainer, variables, tokens, plan, jnp.ones(3))
+    act_k, act_v = ref.layers[2]["new_k"], ref.layers[2]["new_v"]
+    if mode == "decoded":  # layer 2 reads layer 1's reconstruction
+        want_k, want_v = ref.layers[1]["new_k"], ref.layers[1]["new_v"]
+    else:  # layer 1's latents through layer 2's decoder, keys rotated after decoding
+        module = LayerAutoencoders(cfg.kv_width, 6, 0, 6)
+        rk, rv = module.apply(variables["2"], ref.layers[1]["zk"], ref.layers[1]["zv"], method=LayerAutoencoders.decode)
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        want_k = Dense.rotate_keys(cfg, rk.reshape(act_k.shape), pos)
+        want_v = rv.reshape(act_v.shape)
+    np.testing.assert_allclose(got.layers[2]["new_k"], want_k, atol=1e-5)
+    np.testing.assert_allclose(got.layers[2]["new_v"], want_v, atol=1e-5)
+    rel = lambda a, b: np.mean(np.abs(a - b)) / (np.mean(np.abs(b)) + 1e-6)  # noqa: E731
+    want_l1 = rel(np.asarray(want_k), np.asarray(act_k)) + rel(np.asarray(want_v), np.asarray(act_v))
+    np.testing.assert_allclose(float(got.layers[2]["reuse_l1"]), want_l1, rtol=1e-4)
+    assert want_l1 > 0.05 and float(got.layers[2]["l1"]) == 0.0  # the reused layer has no reconstruction term
+    # the step's loss is CE + l1_weight * sum of reconstruction L1 + reuse_l1 * sum of reuse L1
+    tx, step = trainer.setup_stage(2, variables)
+    opt_state = tx.init({l: v["params"] for l, v in variables.items()})
+    _, _, m = step(jax.tree_util.tree_map(jnp.copy, variables), opt_state, trainer.params, tokens, jnp.ones(3))
+    np.testing.assert_allclose(float(m["reuse_l1"]), want_l1, rtol=1e-4)
+    l1_below = float(ref.layers[0]["l1"] + ref.layers[1]["l1"])
+    np.testing.assert_allclose(float(m["l1"]), l1_below, rtol=1e-4)
+    np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + 0.01 * l1_below + 0.5 * want_l1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode,init", [("decoded", "pca"), ("latent", "random")])
+def test_reuse_fine_tuning_steps_lower_the_loss(tmp_path, mode, init):
+    """(Latent mode from PCA starts at the least-squares decoders, already the best linear fit: from a
+    random start the reuse term has room to fall.)"""
+    trainer = reuse_trainer(tmp_path / mode, whole_layers(TINY["llama"], (1, 2)), mode, init=init)
+    variables = trainer.init_variables()
+    tokens = jnp.asarray(trainer.train_windows[:4])
+    tx = __import__("optax").adam(1e-2)  # a constant rate: the schedule's warm-up would hide the first steps
+    step = trainer.make_step(tx, trainer.train_method)
+    opt_state = tx.init({l: v["params"] for l, v in variables.items()})
+    hist = []
+    for _ in range(6):
+        variables, opt_state, m = step(variables, opt_state, trainer.params, tokens, jnp.ones(3))
+        hist.append((float(m["loss"]), float(m["reuse_l1"])))
+    assert hist[-1][0] < 0.95 * hist[0][0] and hist[-1][1] < hist[0][1], hist
+
+
+def test_reuse_fine_tuning_resumes_and_writes_the_composed_method(tmp_path):
+    from kvjax.compressors import load_compressor
+
+    plan = whole_layers(TINY["llama"], (2,))
+    method, mp_full, hist = reuse_trainer(tmp_path / "full", plan, "latent").run()
+    assert isinstance(method, Reuse) and method.mode == "latent" and method.plan == plan
+    assert "eval_ppl" in hist[-1] and all("reuse_l1" in h for h in hist[1:])
+    reuse_trainer(tmp_path / "part", plan, "latent").run(stop_after=4)
+    _, mp_res, hist2 = reuse_trainer(tmp_path / "part", plan, "latent").run(resume=True)
+    assert hist2[0]["step"] == 5
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+                           mp_full, mp_res)
+    m2, mp2 = load_compressor(str(tmp_path / "full" / "compressor"), tiny_model())
+    assert m2 == method
+    with pytest.raises(ValueError, match="different settings"):  # another plan is another run
+        reuse_trainer(tmp_path / "part", whole_layers(TINY["llama"], (1,)), "latent").run(resume=True)
+
+
+def test_reuse_training_refuses_a_partial_compressed_layer_and_stage1(tmp_path):
+    with pytest.raises(ValueError, match="only whole compressed layers"):
+        reuse_trainer(tmp_path / "a", ((2, 0),))
+    with pytest.raises(ValueError, match="--steps1"):
+        reuse_trainer(tmp_path / "b", whole_layers(TINY["llama"], (2,)), steps1=2)
