@@ -520,3 +520,25 @@ def test_reuse_training_refuses_a_partial_compressed_layer_and_stage1(tmp_path):
         reuse_trainer(tmp_path / "a", ((2, 0),))
     with pytest.raises(ValueError, match="--steps1"):
         reuse_trainer(tmp_path / "b", whole_layers(TINY["llama"], (2,)), steps1=2)
+
+
+# ------------------------------------------------------------------------------------------ whole-layer plans, the curve
+def test_whole_layer_plans_rank_layers_by_their_mean_head_score():
+    from kvjax.reuse import layer_scores, make_layer_plan
+
+    sim = constructed_table()  # cosine scores: layer 1 (0.05, 0.5) -> 0.275; layer 2 (0.2, 0.03) -> 0.115
+    np.testing.assert_allclose(list(layer_scores(sim, "cosine").values()), [0.275, 0.115], atol=1e-12)
+    assert make_layer_plan(sim, 1) == ((2, 0), (2, 1))
+    assert make_layer_plan(sim, 1, allowed=[1]) == ((1, 0), (1, 1))
+    assert make_layer_plan(sim, 2) == ((1, 0), (1, 1), (2, 0), (2, 1)) and make_layer_plan(sim, 0) == ()
+    with pytest.raises(ValueError, match="cannot reuse 3 whole layers"):
+        make_layer_plan(sim, 3)
+
+
+def test_thresholds_pick_the_largest_saving_within_the_rise():
+    from train.reuse import thresholds
+
+    rows = [{"series": "s", "dataset": "d", "reused_heads": n, "ppl": p, "dense_ppl": 10.0, "kv_saved_vs_bf16": f}
+            for n, p, f in [(0, 8.0, 0.5), (3, 10.2, 0.6), (6, 10.7, 0.7), (9, 12.0, 0.8)]]
+    got = {(t["reference"], t["max_rise"]): t["kv_saved_vs_bf16"] for t in thresholds(rows)}
+    assert got == {("dense", 0.03): 0.6, ("dense", 0.08): 0.7, ("no reuse", 0.03): 0.5, ("no reuse", 0.08): 0.5}
