@@ -175,13 +175,16 @@ def fit_decoder(z, x, ridge: float = 1e-4):
     return w, mx - mz @ w
 
 
-def fit_latent_decoders(model, method, mparams, token_windows, batch: int = 4, ridge: float = 1e-4) -> dict:
+def fit_latent_decoders(model, method, mparams, token_windows, batch: int = 4, ridge: float = 1e-4,
+                        kv=None) -> dict:
     """Returns ``mparams`` with the decoders of every layer that ``method`` (a latent-mode
     :class:`~kvjax.cache.reuse.Reuse` over a linear autoencoder) reuses replaced by least-squares maps from
     its source layer's latents to its own K (pre-RoPE when the autoencoder stores pre-RoPE keys) and V,
     measured on the dense model over ``token_windows`` [W, T] (training text, not an evaluated split).
     Latents pass through the storage's int8 round trip when latents are stored in int8. The other
-    layers' parameters are returned unchanged."""
+    layers' parameters are returned unchanged. ``kv``: the (k_layers, v_layers) of
+    ``collect_kv(model, token_windows, pre_rope=<the autoencoder's pre_rope>)``, to reuse one pass over
+    several plans (``token_windows`` is then not read)."""
     from kvjax.compressors.autoencoder import apply_coder, dequantize_int8, quantize_int8
 
     if method.mode != "latent":
@@ -193,7 +196,7 @@ def fit_latent_decoders(model, method, mparams, token_windows, batch: int = 4, r
     reused = sorted({l for l, _ in method.plan})
     if not reused:
         return mparams
-    k_layers, v_layers = collect_kv(model, token_windows, batch=batch, pre_rope=ae.pre_rope)
+    k_layers, v_layers = kv if kv is not None else collect_kv(model, token_windows, batch=batch, pre_rope=ae.pre_rope)
     out = dict(mparams)
     for layer in reused:
         src = method.source(cfg, layer, 0)

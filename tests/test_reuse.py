@@ -542,3 +542,50 @@ def test_thresholds_pick_the_largest_saving_within_the_rise():
             for n, p, f in [(0, 8.0, 0.5), (3, 10.2, 0.6), (6, 10.7, 0.7), (9, 12.0, 0.8)]]
     got = {(t["reference"], t["max_rise"]): t["kv_saved_vs_bf16"] for t in thresholds(rows)}
     assert got == {("dense", 0.03): 0.6, ("dense", 0.08): 0.7, ("no reuse", 0.03): 0.5, ("no reuse", 0.08): 0.5}
+
+
+def test_curve_cli_end_to_end(tmp_path, monkeypatch):
+    import train.reuse as cli
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.compressors import save_compressor
+
+    model = dataclasses.replace(tiny_model(), tokenizer=CharTokenizer())
+    monkeypatch.setattr(cli, "_load_model", lambda name: model)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    cli.main(["analyze", "--model", "tiny", "--data", str(text), "--windows", "2", "--context", "32",
+              "--out", str(tmp_path / "sim")])
+    comp = save_compressor(str(tmp_path / "ae"), Autoencoder(latent=6, latent_dtype="int8"), ae_mparams(model.cfg, 6), model)
+    out = tmp_path / "curve"
+    cli.main(["curve", "--similarity", str(tmp_path / "sim" / "similarity.json"), "--model", "tiny", "--heads", "0,2",
+              "--compressor", comp, "--layers", "0,1", "--calib-windows", "2", "--context", "32",
+              "--max-tokens", "128", "--batch", "4", "--out", str(out)])
+    res = json.loads((out / "curve.json").read_text())
+    rows = {(r["series"], r["reused_heads"]): r for r in res["rows"]}
+    assert len(rows) == 6 and (out / "curve.png").stat().st_size > 1000 and (out / "curve.md").exists()
+    assert rows[("reuse", 0)]["ppl"] == pytest.approx(rows[("reuse", 0)]["dense_ppl"], rel=1e-6)
+    assert rows[("reuse", 2)]["kv_saved_vs_bf16"] == pytest.approx(2 / 6)
+    dec, lat = "ae + reuse (decoded)", "ae + reuse (latent)"
+    assert rows[(dec, 0)]["ppl"] == rows[(lat, 0)]["ppl"]  # the same method: the autoencoder alone
+    ae_saved = rows[(dec, 0)]["kv_saved_vs_bf16"]
+    assert rows[(lat, 2)]["kv_saved_vs_bf16"] == pytest.approx(1 - (1 - ae_saved) * 2 / 3)  # one of 3 layers
+    assert rows[(lat, 2)]["ppl"] != rows[(dec, 2)]["ppl"]
+    assert {t["reference"] for t in res["thresholds"]} == {"dense", "no reuse"}
+
+
+def test_fine_tuning_starts_from_a_trained_compressor(tmp_path):
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.compressors import save_compressor
+    from kvjax.compressors.autoencoder import fold_variables
+
+    cfg = TINY["llama"]
+    mp = ae_mparams(cfg, 6)
+    path = save_compressor(str(tmp_path / "c"), Autoencoder(latent=6), mp, tiny_model())
+    trainer = reuse_trainer(tmp_path / "run", whole_layers(cfg, (2,)), "decoded", init_from=path)
+    folded = fold_variables(trainer.init_variables())
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), folded, mp)
+    latent = reuse_trainer(tmp_path / "run2", whole_layers(cfg, (2,)), "latent", init_from=path).init_variables()
+    assert np.abs(np.asarray(fold_variables(latent)["2"]["k_dec"][0]["w"]) - np.asarray(mp["2"]["k_dec"][0]["w"])).max() > 1e-3
+    with pytest.raises(ValueError, match="latent=8, this run's is 6"):
+        save_compressor(str(tmp_path / "c8"), Autoencoder(latent=8), ae_mparams(cfg, 8), tiny_model())
+        reuse_trainer(tmp_path / "run3", whole_layers(cfg, (2,)), init_from=str(tmp_path / "c8")).init_variables()

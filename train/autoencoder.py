@@ -69,6 +69,7 @@ class TrainConfig:
     reuse_plan: tuple = ()  # (layer, head) pairs reused from the layer below (see kvjax.cache.reuse)
     reuse_mode: str = "decoded"  # "decoded" or "latent"
     reuse_l1: float = 0.01  # weight of the relative L1 between reused heads' actual and read K/V
+    init_from: str = ""  # a trained (linear) compressor to start from instead of --init: fine-tuning after reuse
 
     def __post_init__(self):
         from kvjax.cache.reuse import normalize_plan
@@ -263,7 +264,11 @@ class Trainer:
         keys = jax.random.split(key, len(self.layers))
         variables = {str(l): init_layer_variables(k, self.cfg.kv_width, self.latent, self.tc.hidden, self.latent_v)
                      for l, k in zip(self.layers, keys)}
-        if self.tc.init == "pca":
+        if self.tc.init_from:
+            variables = self.variables_from_compressor(variables)
+            if self.tc.reuse_mode == "latent":
+                variables = self.fit_reuse_decoders(variables, self.calibration_rows())
+        elif self.tc.init == "pca":
             if self.tc.hidden:
                 raise ValueError("--init pca needs the linear variant (--hidden 0); use --init random")
             rows = self.calibration_rows()
@@ -271,6 +276,32 @@ class Trainer:
             if self.tc.reuse_mode == "latent":
                 variables = self.fit_reuse_decoders(variables, rows)
         return variables
+
+    def variables_from_compressor(self, variables):
+        """Training variables holding a trained linear compressor's parameters (``tc.init_from``), which must
+        have this run's autoencoder settings (a composed method's inner autoencoder counts)."""
+        from kvjax.compressors import load_compressor
+
+        method, mp = load_compressor(self.tc.init_from, self.model)
+        ae = getattr(method, "inner", None) or method
+        mine, cfg = self.tc.ae_method(), self.cfg
+
+        def shape(m):
+            return {"latent": m.latent_dim(cfg), "latent_v": m.latent_v_dim(cfg), "hidden": m.hidden,
+                    "layers": m.compressed_layers(cfg), "pre_rope": m.pre_rope}
+
+        for key, want in shape(mine).items():
+            if shape(ae)[key] != want:
+                raise ValueError(f"--init-from {self.tc.init_from}: its {key}={shape(ae)[key]!r}, this run's is {want!r}")
+        if self.tc.hidden:
+            raise ValueError("--init-from starts linear autoencoders only (--hidden 0)")
+        out = {}
+        for l, var in variables.items():
+            params = {part: {"dense_0": {"kernel": jnp.asarray(mp[l][part][0]["w"], jnp.float32),
+                                         "bias": jnp.asarray(mp[l][part][0]["b"], jnp.float32)}}
+                      for part in ("k_enc", "k_dec", "v_enc", "v_dec")}
+            out[l] = {**var, "params": params}
+        return out
 
     def fit_reuse_decoders(self, variables, rows):
         """Latent reuse: each reused layer's (linear) decoders become least-squares maps from its source
@@ -487,6 +518,8 @@ def main(argv=None):
                     help="reused layers read the layer below's decoded K/V, or its latent through their own decoder")
     ap.add_argument("--reuse-l1", type=float, default=0.01,
                     help="weight of the relative L1 between reused heads' actual and read K/V")
+    ap.add_argument("--init-from", default="",
+                    help="start from this trained linear compressor (e.g. fine-tuning it after reuse)")
     ap.add_argument("--out", required=True, help="output directory (checkpoints, compressor, history)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ap.add_argument("--max-tokens", type=int, default=0, help="use only the first N training tokens (0: all)")
@@ -504,7 +537,7 @@ def main(argv=None):
                      steps2=args.steps2, stage2_train=args.stage2_train, batch=args.batch, context=args.context,
                      lr=args.lr, lr2=args.lr2, l1_weight=args.l1_weight, eval_every=args.eval_every,
                      save_every=args.save_every, seed=args.seed, dtype=args.dtype, reuse_mode=args.reuse_mode,
-                     reuse_l1=args.reuse_l1)
+                     reuse_l1=args.reuse_l1, init_from=args.init_from)
     model = load(args.model)
     if args.reuse_plan:
         from kvjax.reuse import load_plan

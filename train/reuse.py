@@ -177,7 +177,7 @@ def cmd_curve(args):
     from eval.perplexity import perplexity
     from kvjax.cache.dense import Dense
     from kvjax.cache.reuse import Reuse
-    from kvjax.reuse import check_identity, fit_latent_decoders, make_layer_plan, make_plan
+    from kvjax.reuse import check_identity, collect_kv, fit_latent_decoders, make_layer_plan, make_plan
     from kvjax.jsonio import write_json_atomic
     from train.autoencoder import windows_from_ids
     from train.data import training_text
@@ -197,10 +197,11 @@ def cmd_curve(args):
         text, _ = training_text(None, args.data_dir)
         calib = windows_from_ids(np.asarray(model.tokenizer.encode(text), np.int32), args.context)[: args.calib_windows]
         name = os.path.basename(os.path.normpath(args.compressor))
+        kv = collect_kv(model, calib, pre_rope=ae.pre_rope) if "latent" in args.modes else None
         for mode in args.modes:
             for n in args.layers:
                 m = Reuse(plan=make_layer_plan(sim, n, args.metric, ae.compressed_layers(cfg)), inner=ae, mode=mode)
-                p = fit_latent_decoders(model, m, mp, calib) if mode == "latent" and n else mp
+                p = fit_latent_decoders(model, m, mp, calib, kv=kv) if mode == "latent" and n else mp
                 series.append((f"{name} + reuse ({mode})", m, p, n * cfg.n_kv_heads))
     rows = []
     for ds in args.datasets:
