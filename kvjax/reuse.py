@@ -155,11 +155,8 @@ def make_layer_plan(sim: dict, n_layers: int, metric: str = "cosine", allowed=No
     layer), chosen among ``allowed`` (default: all of 1..L-1); the plan for an autoencoder inner, whose
     latents can only be reused whole."""
     scores = layer_scores(sim, metric)
-    pool = [l for l in scores if allowed is None or l in set(allowed)]
-    if not 0 <= n_layers <= len(pool):
-        raise ValueError(f"cannot reuse {n_layers} whole layers: {len(pool)} layers can be reused")
-    chosen = sorted(pool, key=lambda l: (scores[l], l))[:n_layers]
-    return tuple((l, h) for l in sorted(chosen) for h in range(sim["n_kv_heads"]))
+    pool = {l: s for l, s in scores.items() if allowed is None or l in set(allowed)}
+    return plan_from_layer_scores(pool, n_layers, sim["n_kv_heads"])
 
 
 # ---------------------------------------------------------------------------------------------- latent reuse
@@ -209,6 +206,41 @@ def fit_latent_decoders(model, method, mparams, token_windows, batch: int = 4, r
             new[part + "_dec"] = [{"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}]
         out[str(layer)] = new
     return out
+
+
+def latent_fit_scores(ae, mparams, kv, ridge: float = 1e-4) -> dict:
+    """Per compressed layer l >= 1 whose layer below is compressed: how badly layer l-1's latents predict
+    layer l's K and V through the least-squares decoders of :func:`fit_latent_decoders` (the residual
+    sum of squares over the total sum of squares about the mean, K plus V; lower = more reusable in latent
+    mode). ``kv``: (k_layers, v_layers) of ``collect_kv(..., pre_rope=ae.pre_rope)`` over training text."""
+    from kvjax.compressors.autoencoder import apply_coder, dequantize_int8, quantize_int8
+
+    k_layers, v_layers = kv
+    n = len(k_layers)
+    layers = set(ae.layers) if ae.layers else set(range(n))
+    scores = {}
+    for layer in range(1, n):
+        if layer not in layers or layer - 1 not in layers:
+            continue
+        total = 0.0
+        for part, rows in (("k", k_layers), ("v", v_layers)):
+            z = apply_coder(mparams[str(layer - 1)][part + "_enc"], jnp.asarray(rows[layer - 1].reshape(len(rows[layer - 1]), -1)))
+            if ae.storage_dtype == "int8":
+                z = dequantize_int8(*quantize_int8(z))
+            z = np.asarray(z, np.float64)
+            x = rows[layer].reshape(len(rows[layer]), -1).astype(np.float64)
+            w, b = fit_decoder(z, x, ridge)
+            total += float(((z @ w + b - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+        scores[layer] = total
+    return scores
+
+
+def plan_from_layer_scores(scores: dict, n_layers: int, n_kv_heads: int) -> tuple[tuple[int, int], ...]:
+    """Every head of the ``n_layers`` layers with the lowest ``scores`` (ties to the lower layer)."""
+    if not 0 <= n_layers <= len(scores):
+        raise ValueError(f"cannot reuse {n_layers} whole layers: {len(scores)} layers can be reused")
+    chosen = sorted(scores, key=lambda l: (scores[l], l))[:n_layers]
+    return tuple((l, h) for l in sorted(chosen) for h in range(n_kv_heads))
 
 
 # ---------------------------------------------------------------------------------------------- files

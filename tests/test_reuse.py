@@ -558,11 +558,12 @@ def test_curve_cli_end_to_end(tmp_path, monkeypatch):
     comp = save_compressor(str(tmp_path / "ae"), Autoencoder(latent=6, latent_dtype="int8"), ae_mparams(model.cfg, 6), model)
     out = tmp_path / "curve"
     cli.main(["curve", "--similarity", str(tmp_path / "sim" / "similarity.json"), "--model", "tiny", "--heads", "0,2",
-              "--compressor", comp, "--layers", "0,1", "--calib-windows", "2", "--context", "32",
+              "--compressor", comp, "--layers", "0,1", "--calib-windows", "2", "--context", "32", "--rank", "cosine,fit",
               "--max-tokens", "128", "--batch", "4", "--out", str(out)])
     res = json.loads((out / "curve.json").read_text())
     rows = {(r["series"], r["reused_heads"]): r for r in res["rows"]}
-    assert len(rows) == 6 and (out / "curve.png").stat().st_size > 1000 and (out / "curve.md").exists()
+    assert len(rows) == 8 and (out / "curve.png").stat().st_size > 1000 and (out / "curve.md").exists()
+    assert ("ae + reuse (latent, layers by fit)", 2) in rows
     assert rows[("reuse", 0)]["ppl"] == pytest.approx(rows[("reuse", 0)]["dense_ppl"], rel=1e-6)
     assert rows[("reuse", 2)]["kv_saved_vs_bf16"] == pytest.approx(2 / 6)
     dec, lat = "ae + reuse (decoded)", "ae + reuse (latent)"
@@ -589,3 +590,43 @@ def test_fine_tuning_starts_from_a_trained_compressor(tmp_path):
     with pytest.raises(ValueError, match="latent=8, this run's is 6"):
         save_compressor(str(tmp_path / "c8"), Autoencoder(latent=8), ae_mparams(cfg, 8), tiny_model())
         reuse_trainer(tmp_path / "run3", whole_layers(cfg, (2,)), init_from=str(tmp_path / "c8")).init_variables()
+
+
+@pytest.mark.parametrize("mode", [pytest.param("decoded", marks=pytest.mark.slow), "latent"])
+def test_composed_decode_through_the_fused_kernel_equals_the_xla_path(mode):
+    """A whole reused layer's decode step reads the source latents through the Pallas kernel (interpreted
+    on CPU) with the source's decoder (decoded) or its own (latent): equal to decode-then-attend."""
+    from kvjax.cache.autoencoder import Autoencoder
+
+    cfg = dataclasses.replace(TINY["llama"], d_model=64, n_heads=4, n_kv_heads=2, head_dim=32, n_layers=3)
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.2)
+    mp = ae_mparams(cfg, 24)
+    tokens = tokens_for(cfg, t=5)
+    outs = {}
+    for kernel in ("xla", "pallas"):
+        m = Reuse(plan=whole_layers(cfg, (2,)), inner=Autoencoder(latent=24, latent_dtype="int8", kernel=kernel), mode=mode)
+        cache = m.init(cfg, 2, 8, mp)
+        _, cache = prefill(params, cfg, tokens[:, :3], cache, method=m, mparams=mp)
+        steps = []
+        for i in range(3, 5):
+            lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
+            steps.append(lg)
+        outs[kernel] = np.stack(steps)
+    np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=2e-4, rtol=2e-4)
+
+
+def test_latent_fit_scores_find_the_predictable_layer():
+    """Layer 2's K/V are an invertible map of layer 1's, layer 1's are unrelated to layer 0's: layer 2 scores
+    near 0, layer 1 near 1 (the least-squares residual over the variance)."""
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.reuse import latent_fit_scores, plan_from_layer_scores
+
+    rng = np.random.default_rng(0)
+    k0, k1 = rng.normal(size=(400, 2, 4)), rng.normal(size=(400, 2, 4))
+    a = rng.normal(size=(8, 8)) + 3 * np.eye(8)
+    k2 = (k1.reshape(400, 8) @ a).reshape(400, 2, 4)
+    eye = [{"w": jnp.eye(8), "b": jnp.zeros(8)}]
+    mp = {str(l): {"k_enc": eye, "k_dec": eye, "v_enc": eye, "v_dec": eye} for l in range(3)}
+    scores = latent_fit_scores(Autoencoder(latent=8), mp, ([k0, k1, k2], [k0, k1, k2]), ridge=1e-9)
+    assert scores[2] < 1e-6 and 1.8 < scores[1] <= 2.0  # K plus V
+    assert plan_from_layer_scores(scores, 1, 2) == ((2, 0), (2, 1))

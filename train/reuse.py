@@ -177,7 +177,8 @@ def cmd_curve(args):
     from eval.perplexity import perplexity
     from kvjax.cache.dense import Dense
     from kvjax.cache.reuse import Reuse
-    from kvjax.reuse import check_identity, collect_kv, fit_latent_decoders, make_layer_plan, make_plan
+    from kvjax.reuse import (check_identity, collect_kv, fit_latent_decoders, latent_fit_scores, make_layer_plan,
+                             make_plan, plan_from_layer_scores)
     from kvjax.jsonio import write_json_atomic
     from train.autoencoder import windows_from_ids
     from train.data import training_text
@@ -198,11 +199,22 @@ def cmd_curve(args):
         calib = windows_from_ids(np.asarray(model.tokenizer.encode(text), np.int32), args.context)[: args.calib_windows]
         name = os.path.basename(os.path.normpath(args.compressor))
         kv = collect_kv(model, calib, pre_rope=ae.pre_rope) if "latent" in args.modes else None
-        for mode in args.modes:
-            for n in args.layers:
-                m = Reuse(plan=make_layer_plan(sim, n, args.metric, ae.compressed_layers(cfg)), inner=ae, mode=mode)
-                p = fit_latent_decoders(model, m, mp, calib, kv=kv) if mode == "latent" and n else mp
-                series.append((f"{name} + reuse ({mode})", m, p, n * cfg.n_kv_heads))
+        if "fit" in args.rank and kv is None:
+            raise SystemExit("--rank fit ranks layers for latent reuse: include latent in --modes")
+        fit = latent_fit_scores(ae, mp, kv) if "fit" in args.rank else None
+        for rank in args.rank:
+            for mode in args.modes:
+                if rank == "fit" and mode != "latent":
+                    continue  # the fit ranks layers for latent reuse only
+                for n in args.layers:
+                    if rank == "fit":
+                        plan = plan_from_layer_scores(fit, n, cfg.n_kv_heads)
+                    else:
+                        plan = make_layer_plan(sim, n, args.metric, ae.compressed_layers(cfg))
+                    m = Reuse(plan=plan, inner=ae, mode=mode)
+                    p = fit_latent_decoders(model, m, mp, calib, kv=kv) if mode == "latent" and n else mp
+                    label = f"{name} + reuse ({mode}{', layers by fit' if rank == 'fit' else ''})"
+                    series.append((label, m, p, n * cfg.n_kv_heads))
     rows = []
     for ds in args.datasets:
         data = load_text(ds, "test", None, args.data_dir)
@@ -223,6 +235,7 @@ def cmd_curve(args):
     meta = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
             "similarity": os.path.abspath(args.similarity), "metric": args.metric, "context": args.context,
             "max_tokens": args.max_tokens, "compressor": args.compressor, "calib_windows": args.calib_windows,
+            "rank": args.rank if args.compressor else None,
             "model": sim.get("model", {})}
     os.makedirs(args.out, exist_ok=True)
     th = thresholds(rows)
@@ -283,6 +296,9 @@ def main(argv=None):
                    help="with --compressor: numbers of whole layers to reuse")
     c.add_argument("--modes", type=lambda t: t.split(","), default=["decoded", "latent"],
                    help="with --compressor: decoded,latent")
+    c.add_argument("--rank", type=lambda t: t.split(","), default=["cosine"],
+                   help="with --compressor: how whole layers are chosen, cosine (the similarity table) and/or fit "
+                        "(latent mode: least-squares residual of predicting a layer from the latents below)")
     c.add_argument("--calib-windows", type=int, default=8,
                    help="latent mode: wiki.valid windows for the least-squares decoders")
     c.add_argument("--datasets", nargs="+", default=["wikitext2"], choices=["wikitext2", "c4"])
