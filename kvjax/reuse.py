@@ -224,7 +224,8 @@ def latent_fit_scores(ae, mparams, kv, ridge: float = 1e-4) -> dict:
             continue
         total = 0.0
         for part, rows in (("k", k_layers), ("v", v_layers)):
-            z = apply_coder(mparams[str(layer - 1)][part + "_enc"], jnp.asarray(rows[layer - 1].reshape(len(rows[layer - 1]), -1)))
+            below = rows[layer - 1].reshape(len(rows[layer - 1]), -1)
+            z = apply_coder(mparams[str(layer - 1)][part + "_enc"], jnp.asarray(below))
             if ae.storage_dtype == "int8":
                 z = dequantize_int8(*quantize_int8(z))
             z = np.asarray(z, np.float64)

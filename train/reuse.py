@@ -249,8 +249,10 @@ def cmd_curve(args):
     lines += ["", "Largest saving within a rise of the reference (among the measured points):", "",
               "| dataset | series | reference | ref ppl | rise <= | KV saved vs bf16 | reused heads | ppl |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {t['dataset']} | {t['series']} | {t['reference']} | {t['reference_ppl']:.3f} | {100 * t['max_rise']:.0f}% | "
-              + (f"{100 * t['kv_saved_vs_bf16']:.1f}% | {t['reused_heads']} | {t['ppl']:.3f} |" if t["ppl"] else "none | | |")
+    lines += [f"| {t['dataset']} | {t['series']} | {t['reference']} | {t['reference_ppl']:.3f} | "
+              f"{100 * t['max_rise']:.0f}% | "
+              + (f"{100 * t['kv_saved_vs_bf16']:.1f}% | {t['reused_heads']} | {t['ppl']:.3f} |"
+                 if t["ppl"] else "none | | |")
               for t in th]
     with open(os.path.join(args.out, "curve.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,13 +1,14 @@
 """KV-CAR cross-layer KV reuse: a kv head of layer l whose K/V are close to the same head of layer l-1
 reads layer l-1's K/V for that head and stores nothing of its own.
 
-``plan`` lists the reusing ``(layer, head)`` pairs. A layer's state holds only the heads it stores:
-``{"k": [B, S, K_l, D], "v": [B, S, K_l, D]}`` with K_l = K minus the layer's reused heads (an empty
-dict when every head is reused), so ``cache.nbytes`` shrinks by exactly the reused share of heads.
+``plan`` lists the reusing ``(layer, head)`` pairs. A layer's state holds only the heads it stores (with
+the default dense storage ``{"k": [B, S, K_l, D], "v": [B, S, K_l, D]}``, K_l = K minus the layer's
+reused heads; an empty dict when every head is reused), so ``cache.nbytes`` shrinks by exactly the
+reused share of heads.
 Chains resolve: when (l, h) and (l-1, h) are both reused, layer l reads head h from the nearest layer
 below that stores it (:meth:`Reuse.source`).
 
-Keys are stored after RoPE, as :class:`~kvjax.cache.dense.Dense` stores them: a reused head is compared
+Dense storage keeps keys after RoPE, as :class:`~kvjax.cache.dense.Dense` does: a reused head is compared
 and read at the same position, so the rotation is the same on both sides. Reading is correct for prefill
 and decode alike because the model writes and attends layer by layer in order 0..L-1: the source layer's
 state already holds the new tokens when a later layer reads it.
@@ -40,8 +41,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from kvjax.cache.base import CacheMethod
-from kvjax.models.layers import attention
 from kvjax.cache.registry import register
+from kvjax.models.layers import attention
 
 MODES = ("decoded", "latent")
 
