@@ -497,6 +497,7 @@ def test_reuse_fine_tuning_steps_lower_the_loss(tmp_path, mode, init):
     assert hist[-1][0] < 0.95 * hist[0][0] and hist[-1][1] < hist[0][1], hist
 
 
+@pytest.mark.slow
 def test_reuse_fine_tuning_resumes_and_writes_the_composed_method(tmp_path):
     from kvjax.compressors import load_compressor
 
@@ -544,6 +545,7 @@ def test_thresholds_pick_the_largest_saving_within_the_rise():
     assert got == {("dense", 0.03): 0.6, ("dense", 0.08): 0.7, ("no reuse", 0.03): 0.5, ("no reuse", 0.08): 0.5}
 
 
+@pytest.mark.slow
 def test_curve_cli_end_to_end(tmp_path, monkeypatch):
     import train.reuse as cli
     from kvjax.cache.autoencoder import Autoencoder
