@@ -3,8 +3,10 @@
 ``collect_kv`` runs the dense model and returns every layer's K (after RoPE, as the cache stores it) and
 V; ``head_similarity`` compares each head of layer l with the same head of layer l-1 (mean L1 distance,
 the paper's metric, and cosine similarity); ``make_plan`` turns that table into the (layer, head) pairs
-of :class:`kvjax.cache.reuse.Reuse`; ``save_plan`` / ``load_plan`` keep a plan with the identity of the
-model it was measured on.
+of :class:`kvjax.cache.reuse.Reuse` (``make_layer_plan``: whole layers, for an autoencoder inner);
+``save_plan`` / ``load_plan`` keep a plan with the identity of the model it was measured on;
+``fit_latent_decoders`` fits, by least squares, the decoders with which a layer reused in latent mode
+reads its source layer's latents.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ class PlanError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def collect_kv(model, token_windows, batch: int = 4):
+def collect_kv(model, token_windows, batch: int = 4, pre_rope: bool = False):
     """Dense forward over ``token_windows`` [W, T] (full windows, no padding), ``batch`` windows at a time.
 
-    Returns (k_layers, v_layers): per layer a float32 numpy array [W*T, K, D]; keys after RoPE.
+    Returns (k_layers, v_layers): per layer a float32 numpy array [W*T, K, D]; keys after RoPE, or before
+    it with ``pre_rope`` (the rotation undone: R(-p) R(p) = I).
     """
     from kvjax.cache.dense import Dense
+    from kvjax.models.layers import rope
     from kvjax.models.transformer import forward
 
     cfg, method = model.cfg, Dense(layout="bskd")  # [B, S, K, D] is read below
@@ -45,8 +49,12 @@ def collect_kv(model, token_windows, batch: int = 4):
         tokens = jnp.asarray(windows[i:i + batch])
         cache = method.init(cfg, tokens.shape[0], tokens.shape[1])
         _, cache = fwd(model.params, cfg, tokens, cache, method)
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         for l, state in enumerate(cache.layers):
-            ks[l].append(np.asarray(state["k"], np.float32).reshape(-1, cfg.n_kv_heads, cfg.head_dim))
+            k = state["k"]
+            if pre_rope and cfg.uses_rope:
+                k = rope(k.astype(jnp.float32), -pos, cfg.rope_theta)
+            ks[l].append(np.asarray(k, np.float32).reshape(-1, cfg.n_kv_heads, cfg.head_dim))
             vs[l].append(np.asarray(state["v"], np.float32).reshape(-1, cfg.n_kv_heads, cfg.head_dim))
     return [np.concatenate(x) for x in ks], [np.concatenate(x) for x in vs]
 
@@ -134,6 +142,106 @@ def make_plan(sim: dict, *, threshold: float | None = None, n_heads: int | None 
         raise ValueError(f"cannot reuse {n_heads} heads: layers 1..{sim['n_layers'] - 1} have {len(scores)} heads")
     ranked = sorted(scores, key=lambda p: (scores[p], p))
     return tuple(sorted(ranked[:n_heads]))
+
+
+def layer_scores(sim: dict, metric: str = "cosine") -> dict:
+    """Per layer l >= 1: the mean of its heads' :func:`head_scores` (lower = more reusable as a whole)."""
+    scores = head_scores(sim, metric)
+    return {l: float(np.mean([scores[(l, h)] for h in range(sim["n_kv_heads"])])) for l in sim["layers"]}
+
+
+def make_layer_plan(sim: dict, n_layers: int, metric: str = "cosine", allowed=None) -> tuple[tuple[int, int], ...]:
+    """Every head of the ``n_layers`` most reusable layers (by :func:`layer_scores`, ties to the lower
+    layer), chosen among ``allowed`` (default: all of 1..L-1); the plan for an autoencoder inner, whose
+    latents can only be reused whole."""
+    scores = layer_scores(sim, metric)
+    pool = {l: s for l, s in scores.items() if allowed is None or l in set(allowed)}
+    return plan_from_layer_scores(pool, n_layers, sim["n_kv_heads"])
+
+
+# ---------------------------------------------------------------------------------------------- latent reuse
+def fit_decoder(z, x, ridge: float = 1e-4):
+    """Least-squares linear map from latents z [N, L] to rows x [N, W]: returns (w [L, W], b [W]) minimising
+    |z w + b - x|^2 + ridge * mean(diag(zc^T zc)) * |w|^2 (zc: centred z), solved in float64."""
+    z, x = np.asarray(z, np.float64), np.asarray(x, np.float64)
+    mz, mx = z.mean(0), x.mean(0)
+    zc, xc = z - mz, x - mx
+    gram = zc.T @ zc
+    gram += ridge * max(np.trace(gram) / len(gram), 1e-30) * np.eye(len(gram))
+    w = np.linalg.solve(gram, zc.T @ xc)
+    return w, mx - mz @ w
+
+
+def fit_latent_decoders(model, method, mparams, token_windows, batch: int = 4, ridge: float = 1e-4,
+                        kv=None) -> dict:
+    """Returns ``mparams`` with the decoders of every layer that ``method`` (a latent-mode
+    :class:`~kvjax.cache.reuse.Reuse` over a linear autoencoder) reuses replaced by least-squares maps from
+    its source layer's latents to its own K (pre-RoPE when the autoencoder stores pre-RoPE keys) and V,
+    measured on the dense model over ``token_windows`` [W, T] (training text, not an evaluated split).
+    Latents pass through the storage's int8 round trip when latents are stored in int8. The other
+    layers' parameters are returned unchanged. ``kv``: the (k_layers, v_layers) of
+    ``collect_kv(model, token_windows, pre_rope=<the autoencoder's pre_rope>)``, to reuse one pass over
+    several plans (``token_windows`` is then not read)."""
+    from kvjax.compressors.autoencoder import apply_coder, dequantize_int8, quantize_int8
+
+    if method.mode != "latent":
+        raise ValueError(f"fit_latent_decoders needs a reuse method with mode='latent', got mode={method.mode!r}")
+    cfg, ae = model.cfg, method.inner
+    method.validate(cfg, mparams)
+    if ae.hidden:
+        raise ValueError(f"fit_latent_decoders fits linear decoders; the autoencoder has hidden={ae.hidden}")
+    reused = sorted({l for l, _ in method.plan})
+    if not reused:
+        return mparams
+    k_layers, v_layers = kv if kv is not None else collect_kv(model, token_windows, batch=batch, pre_rope=ae.pre_rope)
+    out = dict(mparams)
+    for layer in reused:
+        src = method.source(cfg, layer, 0)
+        new = dict(mparams[str(layer)])
+        for part, rows in (("k", k_layers), ("v", v_layers)):
+            z = apply_coder(mparams[str(src)][part + "_enc"], jnp.asarray(rows[src].reshape(len(rows[src]), -1)))
+            if ae.storage_dtype == "int8":
+                z = dequantize_int8(*quantize_int8(z))
+            w, b = fit_decoder(np.asarray(z), rows[layer].reshape(len(rows[layer]), -1), ridge)
+            new[part + "_dec"] = [{"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}]
+        out[str(layer)] = new
+    return out
+
+
+def latent_fit_scores(ae, mparams, kv, ridge: float = 1e-4) -> dict:
+    """Per compressed layer l >= 1 whose layer below is compressed: how badly layer l-1's latents predict
+    layer l's K and V through the least-squares decoders of :func:`fit_latent_decoders` (the residual
+    sum of squares over the total sum of squares about the mean, K plus V; lower = more reusable in latent
+    mode). ``kv``: (k_layers, v_layers) of ``collect_kv(..., pre_rope=ae.pre_rope)`` over training text."""
+    from kvjax.compressors.autoencoder import apply_coder, dequantize_int8, quantize_int8
+
+    k_layers, v_layers = kv
+    n = len(k_layers)
+    layers = set(ae.layers) if ae.layers else set(range(n))
+    scores = {}
+    for layer in range(1, n):
+        if layer not in layers or layer - 1 not in layers:
+            continue
+        total = 0.0
+        for part, rows in (("k", k_layers), ("v", v_layers)):
+            below = rows[layer - 1].reshape(len(rows[layer - 1]), -1)
+            z = apply_coder(mparams[str(layer - 1)][part + "_enc"], jnp.asarray(below))
+            if ae.storage_dtype == "int8":
+                z = dequantize_int8(*quantize_int8(z))
+            z = np.asarray(z, np.float64)
+            x = rows[layer].reshape(len(rows[layer]), -1).astype(np.float64)
+            w, b = fit_decoder(z, x, ridge)
+            total += float(((z @ w + b - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+        scores[layer] = total
+    return scores
+
+
+def plan_from_layer_scores(scores: dict, n_layers: int, n_kv_heads: int) -> tuple[tuple[int, int], ...]:
+    """Every head of the ``n_layers`` layers with the lowest ``scores`` (ties to the lower layer)."""
+    if not 0 <= n_layers <= len(scores):
+        raise ValueError(f"cannot reuse {n_layers} whole layers: {len(scores)} layers can be reused")
+    chosen = sorted(scores, key=lambda l: (scores[l], l))[:n_layers]
+    return tuple((l, h) for l in sorted(chosen) for h in range(n_kv_heads))
 
 
 # ---------------------------------------------------------------------------------------------- files

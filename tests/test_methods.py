@@ -18,6 +18,7 @@ import pytest
 
 import kvjax
 from kvjax.cache import Dense
+from kvjax.cache.autoencoder import Autoencoder
 from kvjax.cache.registry import available
 from kvjax.compressors.autoencoder import fold_variables, init_layer_variables
 from kvjax.generate import decode_step, prefill
@@ -29,13 +30,18 @@ def ae_params(cfg, latent, latent_v=0, hidden=0):
                            for l in range(cfg.n_layers)})
 
 
-# name -> (easy settings, hard settings, params builder(cfg, settings) or None)
+# name -> (easy settings, hard settings, params builder(cfg, settings) or None); a setting may be a
+# function of the model config
 TABLE = {
     "dense": ({"dtype": "float32"}, {"dtype": "bfloat16"}, None),
     "autoencoder": ({"latent": 12, "latent_v": 16}, {"latent": 4, "hidden": 8, "latent_dtype": "int8"},
                     lambda cfg, s: ae_params(cfg, s["latent"], s.get("latent_v", 0), s.get("hidden", 0))),
     "quantized": ({"bits": 8}, {"bits": 4, "group": 4}, None),
-    "reuse": ({"plan": ((1, 0),)}, {"plan": ((1, 0), (1, 1), (2, 0), (2, 1))}, None),  # hard: layer 2 reads layer 0
+    # hard: an autoencoder inner in latent mode, layer 2 decoding layer 0's int8 latents along the chain
+    "reuse": ({"plan": ((1, 0),)},
+              {"plan": lambda cfg: tuple((l, h) for l in (1, 2) for h in range(cfg.n_kv_heads)), "mode": "latent",
+               "inner": Autoencoder(latent=4, latent_v=6, latent_dtype="int8")},
+              lambda cfg, s: ae_params(cfg, 4, 6) if "inner" in s else None),
     "kivi": ({"bits": 4, "group": 2, "value_group": 4, "residual": 2, "residual_dtype": "float32"},
              {"bits": 2, "group": 4, "value_group": 0, "residual": 0, "residual_dtype": "bfloat16"}),
     "minicache": ({"start": 1, "retain": 0.25}, {"start": 0, "retain": 0.0, "t": 0.3, "dtype": "bfloat16"}),
@@ -64,7 +70,7 @@ CASES = [(name, level) for name in sorted(TABLE) for level in ("easy", "hard")]
 def test_method(tiny, name, level):
     cfg, params = tiny
     easy, hard, make = TABLE[name]
-    settings = easy if level == "easy" else hard
+    settings = {k: v(cfg) if callable(v) else v for k, v in (easy if level == "easy" else hard).items()}
     method = kvjax.get_method(name, **settings)
     mp = make(cfg, settings) if make else None
     b, s = 2, 12

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -243,3 +244,392 @@ def test_analyze_and_plan_cli_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(PlanError, match="sha256"):
         cli.main(["plan", "--similarity", str(out / "similarity.json"), "--model", "tiny", "--heads", "1",
                   "--out", str(plan_path)])
+
+
+# ------------------------------------------------------------------------------------------ composition
+def ae_mparams(cfg, latent, seed=0, same=False):
+    """Random linear autoencoders for every layer (the same ones for every layer when ``same``)."""
+    from kvjax.compressors.autoencoder import fold_variables, init_layer_variables
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), cfg.n_layers)
+    return fold_variables({str(l): init_layer_variables(keys[0 if same else l], cfg.kv_width, latent)
+                           for l in range(cfg.n_layers)})
+
+
+def inner_methods(cfg):
+    """(inner method, its mparams): an autoencoder with int8 latents, packed int4, bfloat16 dense."""
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.cache.quantized import Quantized
+
+    return [(Autoencoder(latent=6, latent_dtype="int8"), ae_mparams(cfg, 6)), (Quantized(bits=4, group=4), None),
+            (Dense(dtype="bfloat16"), None)]
+
+
+def run_logits(params, cfg, method, mp, tokens):
+    cache = method.init(cfg, tokens.shape[0], tokens.shape[1], mp)
+    out, cache = prefill(params, cfg, tokens, cache, method=method, mparams=mp, all_logits=True)
+    return np.asarray(out), cache
+
+
+def whole_layers(cfg, layers):
+    return tuple((l, h) for l in layers for h in range(cfg.n_kv_heads))
+
+
+def test_composition_reusing_nothing_equals_the_inner_method_exactly(tiny):
+    cfg, params = tiny
+    tokens = tokens_for(cfg)
+    for inner, mp in inner_methods(cfg):
+        want, wcache = run_logits(params, cfg, inner, mp, tokens)
+        modes = ("decoded", "latent") if inner.name == "autoencoder" else ("decoded",)
+        for mode in modes:
+            got, gcache = run_logits(params, cfg, Reuse(inner=inner, mode=mode), mp, tokens)
+            np.testing.assert_array_equal(got, want)
+            assert gcache.nbytes == wcache.nbytes == Reuse(inner=inner).cache_nbytes(cfg, 2, 10)
+
+
+def test_composition_on_identical_layers_gives_the_inner_result(tiny):
+    """Every layer computes the same K/V and (for the autoencoder) has the same coders: reading layer l-1's
+    decoded heads, or decoding its latent with layer l's own decoder, is what layer l would have stored."""
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.cache.quantized import Quantized
+
+    cfg, params = tiny
+    same = identical_layers(cfg, params)
+    tokens = tokens_for(cfg)
+    ae, mp = Autoencoder(latent=6, latent_dtype="int8"), ae_mparams(cfg, 6, same=True)
+    want, _ = run_logits(same, cfg, ae, mp, tokens)
+    for mode in ("decoded", "latent"):
+        for layers in ((1,), (2,), (1, 2)):  # (1, 2): layer 2 reads layer 0 along the chain
+            got, _ = run_logits(same, cfg, Reuse(plan=whole_layers(cfg, layers), inner=ae, mode=mode), mp, tokens)
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    q = Quantized(bits=4, group=4)
+    plan = ((1, 0), (2, 1), (2, 0))
+    np.testing.assert_allclose(run_logits(same, cfg, Reuse(plan=plan, inner=q), None, tokens)[0],
+                               run_logits(same, cfg, q, None, tokens)[0], atol=1e-5, rtol=1e-5)
+    # with each layer's own weights the reuse changes the output: it is really in the path
+    mp_diff = ae_mparams(cfg, 6)
+    diff = run_logits(params, cfg, Reuse(plan=whole_layers(cfg, (2,)), inner=ae), mp_diff, tokens)[0]
+    assert np.abs(diff - run_logits(params, cfg, ae, mp_diff, tokens)[0]).max() > 1e-3
+
+
+def test_composition_bytes_shrink_exactly_by_the_reused_share(tiny):
+    from kvjax.cache.autoencoder import Autoencoder
+
+    cfg, _ = tiny
+    n_heads = cfg.n_layers * cfg.n_kv_heads
+    for inner, mp in inner_methods(cfg):
+        full = inner.init(cfg, 2, 24, mp).nbytes
+        plans = [whole_layers(cfg, (1,)), whole_layers(cfg, (1, 2))]
+        if inner.name != "autoencoder":
+            plans += [((1, 0),), ((1, 0), (2, 1)), ((2, 0), (2, 1), (1, 1))]
+        for plan in plans:
+            m = Reuse(plan=plan, inner=inner)
+            cache = m.init(cfg, 2, 24, mp)
+            assert cache.nbytes == m.cache_nbytes(cfg, 2, 24) == m.bytes_per_token(cfg) * 2 * 24
+            assert cache.nbytes * n_heads == full * (n_heads - len(plan)), (inner, plan)
+    # an autoencoder that leaves layer 2 dense: layer 2's heads are reused one at a time, physically
+    ae = Autoencoder(latent=6, layers=(0, 1))
+    mp = ae_mparams(cfg, 6)
+    m = Reuse(plan=((2, 1),), inner=ae)
+    cache = m.init(cfg, 2, 24, mp)
+    dense_head = 2 * cfg.head_dim * 4 * 2 * 24  # K and V of one head, float32, B=2, S=24
+    assert cache.nbytes == m.cache_nbytes(cfg, 2, 24) == ae.init(cfg, 2, 24, mp).nbytes - dense_head
+    assert cache.layers[2]["k"].shape == (2, 24, cfg.n_kv_heads - 1, cfg.head_dim)
+
+
+def test_composition_reads_the_source_decoded_or_its_latent():
+    from kvjax.cache.autoencoder import Autoencoder
+
+    cfg = TINY["llama"]
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
+    ae, mp = Autoencoder(latent=6), ae_mparams(cfg, 6)
+    tokens = tokens_for(cfg, t=6)
+    for mode in ("decoded", "latent"):
+        m = Reuse(plan=whole_layers(cfg, (1, 2)), inner=ae, mode=mode)
+        _, cache = run_logits(params, cfg, m, mp, tokens)
+        assert cache.layers[1] == {} and cache.layers[2] == {}
+        k2, v2 = m.read_layer(mp, cfg, cache, 2)
+        coders = mp["2"] if mode == "latent" else mp["0"]
+        wk, wv = ae.decode(cfg, coders, *ae.latents(cache.layers[0]))
+        np.testing.assert_array_equal(k2, wk)
+        np.testing.assert_array_equal(v2, wv)
+    # prefill equals decoding token by token through the composed cache
+    m = Reuse(plan=whole_layers(cfg, (2,)), inner=Autoencoder(latent=6, latent_dtype="int8"), mode="latent")
+    full, _ = run_logits(params, cfg, m, mp, tokens)
+    cache = m.init(cfg, 2, 6, mp)
+    steps = []
+    for i in range(6):
+        lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
+        steps.append(lg)
+    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_composition_refuses_what_cannot_save_or_has_no_latent():
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.cache.quantized import Quantized
+
+    cfg = TINY["llama"]
+    mp = ae_mparams(cfg, 6)
+    with pytest.raises(ValueError, match=r"heads \[0\] of layer 1 but not all 2: .* mixes its heads"):
+        Reuse(plan=((1, 0),), inner=Autoencoder(latent=6)).init(cfg, 1, 8, mp)
+    with pytest.raises(ValueError, match="mode='latent' needs inner=Autoencoder"):
+        Reuse(plan=((1, 0),), inner=Quantized(bits=8), mode="latent")
+    with pytest.raises(ValueError, match="source layer 1 compressed"):
+        Reuse(plan=whole_layers(cfg, (2,)), inner=Autoencoder(latent=6, layers=(0, 2)), mode="latent").init(cfg, 1, 8, mp)
+    with pytest.raises(ValueError, match="mode="):
+        Reuse(mode="latents")
+    with pytest.raises(ValueError, match="reuse method"):
+        Reuse(inner=Reuse())
+
+
+def test_composed_method_saves_and_loads_as_a_compressor(tmp_path):
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.compressors import load_compressor, save_compressor
+
+    model = tiny_model()
+    m = Reuse(plan=whole_layers(model.cfg, (2,)), inner=Autoencoder(latent=6, latent_dtype="int8"), mode="latent")
+    mp = ae_mparams(model.cfg, 6)
+    path = save_compressor(str(tmp_path / "c"), m, mp, model)
+    m2, mp2 = load_compressor(path, model)
+    assert m2 == m
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), mp, mp2)
+
+
+def test_fitted_latent_decoders_recover_an_invertible_map():
+    """Identical layers, full-width random (invertible) encoders, layer 0 decoded exactly: the least-squares
+    decoders of the reused layers map layer 0's latent back to their K/V, so the result is the dense one."""
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.reuse import fit_latent_decoders
+
+    cfg = TINY["llama"]
+    model = tiny_model()
+    model = dataclasses.replace(model, params=identical_layers(cfg, model.params))
+    w = cfg.kv_width
+    mp = {}
+    for l in range(cfg.n_layers):
+        a = np.asarray(jax.random.normal(jax.random.PRNGKey(10 + l), (w, w))) / np.sqrt(w) + np.eye(w)
+        b = np.asarray(jax.random.normal(jax.random.PRNGKey(20 + l), (w,)))
+        enc = [{"w": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)}]
+        dec = [{"w": jnp.asarray(np.linalg.inv(a), jnp.float32), "b": jnp.asarray(-b @ np.linalg.inv(a), jnp.float32)}]
+        mp[str(l)] = {"k_enc": enc, "k_dec": dec, "v_enc": enc, "v_dec": dec}
+    mp["2"] = {**mp["2"], "k_dec": [{"w": jnp.zeros((w, w)), "b": jnp.zeros(w)}]}  # a useless decoder, to be fit
+    m = Reuse(plan=whole_layers(cfg, (1, 2)), inner=Autoencoder(latent=w), mode="latent")
+    windows = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (4, 16), 0, cfg.vocab_size))
+    fitted = fit_latent_decoders(model, m, mp, windows, batch=2, ridge=1e-9)
+    np.testing.assert_array_equal(fitted["0"]["k_dec"][0]["w"], mp["0"]["k_dec"][0]["w"])  # others unchanged
+    tokens = tokens_for(cfg)
+    dense = logits(model.params, cfg, Dense(), tokens)
+    np.testing.assert_allclose(run_logits(model.params, cfg, m, fitted, tokens)[0], dense, atol=2e-3, rtol=2e-3)
+    assert np.abs(run_logits(model.params, cfg, m, mp, tokens)[0] - dense).max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning after reuse
+def reuse_trainer(out, plan, mode="decoded", **kw):
+    from train.autoencoder import TrainConfig, Trainer, split_windows, windows_from_ids
+
+    rng = np.random.default_rng(0)
+    ids = (np.arange(4000) * 7 % 97 + rng.integers(0, 3, 4000)) % 97
+    tr, ev = split_windows(windows_from_ids(ids, 32), 4)
+    tc = TrainConfig(**{"latent": 6, "steps2": 8, "batch": 4, "context": 32, "eval_every": 8, "save_every": 4,
+                        "init": "pca", "lr2": 3e-3, "reuse_plan": plan, "reuse_mode": mode, "reuse_l1": 0.5, **kw})
+    return Trainer(tiny_model(), tr, ev, tc, str(out), progress=False)
+
+
+def training_forward(trainer, variables, tokens, plan, active):
+    from kvjax.models.transformer import forward
+
+    method = dataclasses.replace(trainer.train_method, plan=plan)
+    cache = method.init(trainer.cfg, tokens.shape[0], tokens.shape[1])
+    return forward(trainer.params, trainer.cfg, tokens, cache, method, {"vars": variables, "active": active})[1]
+
+
+@pytest.mark.parametrize("mode", ["decoded", "latent"])
+def test_reuse_loss_terms_on_a_tiny_model(tmp_path, mode):
+    from kvjax.compressors.autoencoder import LayerAutoencoders
+
+    cfg = TINY["llama"]
+    plan = whole_layers(cfg, (2,))
+    trainer = reuse_trainer(tmp_path / mode, plan, mode)
+    variables = trainer.init_variables()
+    tokens = jnp.asarray(trainer.train_windows[:2])
+    # reference: layer 2 not compressed (active 0) keeps its actual K/V; the layers below are the same
+    ref = training_forward(trainer, variables, tokens, (), jnp.asarray([1.0, 1.0, 0.0]))
+    got = training_forward(trainer, variables, tokens, plan, jnp.ones(3))
+    act_k, act_v = ref.layers[2]["new_k"], ref.layers[2]["new_v"]
+    if mode == "decoded":  # layer 2 reads layer 1's reconstruction
+        want_k, want_v = ref.layers[1]["new_k"], ref.layers[1]["new_v"]
+    else:  # layer 1's latents through layer 2's decoder, keys rotated after decoding
+        module = LayerAutoencoders(cfg.kv_width, 6, 0, 6)
+        rk, rv = module.apply(variables["2"], ref.layers[1]["zk"], ref.layers[1]["zv"], method=LayerAutoencoders.decode)
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        want_k = Dense.rotate_keys(cfg, rk.reshape(act_k.shape), pos)
+        want_v = rv.reshape(act_v.shape)
+    np.testing.assert_allclose(got.layers[2]["new_k"], want_k, atol=1e-5)
+    np.testing.assert_allclose(got.layers[2]["new_v"], want_v, atol=1e-5)
+    rel = lambda a, b: np.mean(np.abs(a - b)) / (np.mean(np.abs(b)) + 1e-6)  # noqa: E731
+    want_l1 = rel(np.asarray(want_k), np.asarray(act_k)) + rel(np.asarray(want_v), np.asarray(act_v))
+    np.testing.assert_allclose(float(got.layers[2]["reuse_l1"]), want_l1, rtol=1e-4)
+    assert want_l1 > 0.05 and float(got.layers[2]["l1"]) == 0.0  # the reused layer has no reconstruction term
+    # the step's loss is CE + l1_weight * sum of reconstruction L1 + reuse_l1 * sum of reuse L1
+    tx, step = trainer.setup_stage(2, variables)
+    opt_state = tx.init({l: v["params"] for l, v in variables.items()})
+    _, _, m = step(jax.tree_util.tree_map(jnp.copy, variables), opt_state, trainer.params, tokens, jnp.ones(3))
+    np.testing.assert_allclose(float(m["reuse_l1"]), want_l1, rtol=1e-4)
+    l1_below = float(ref.layers[0]["l1"] + ref.layers[1]["l1"])
+    np.testing.assert_allclose(float(m["l1"]), l1_below, rtol=1e-4)
+    np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + 0.01 * l1_below + 0.5 * want_l1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode,init", [("decoded", "pca"), ("latent", "random")])
+def test_reuse_fine_tuning_steps_lower_the_loss(tmp_path, mode, init):
+    """(Latent mode from PCA starts at the least-squares decoders, already the best linear fit: from a
+    random start the reuse term has room to fall.)"""
+    trainer = reuse_trainer(tmp_path / mode, whole_layers(TINY["llama"], (1, 2)), mode, init=init)
+    variables = trainer.init_variables()
+    tokens = jnp.asarray(trainer.train_windows[:4])
+    tx = __import__("optax").adam(1e-2)  # a constant rate: the schedule's warm-up would hide the first steps
+    step = trainer.make_step(tx, trainer.train_method)
+    opt_state = tx.init({l: v["params"] for l, v in variables.items()})
+    hist = []
+    for _ in range(6):
+        variables, opt_state, m = step(variables, opt_state, trainer.params, tokens, jnp.ones(3))
+        hist.append((float(m["loss"]), float(m["reuse_l1"])))
+    assert hist[-1][0] < 0.95 * hist[0][0] and hist[-1][1] < hist[0][1], hist
+
+
+@pytest.mark.slow
+def test_reuse_fine_tuning_resumes_and_writes_the_composed_method(tmp_path):
+    from kvjax.compressors import load_compressor
+
+    plan = whole_layers(TINY["llama"], (2,))
+    method, mp_full, hist = reuse_trainer(tmp_path / "full", plan, "latent").run()
+    assert isinstance(method, Reuse) and method.mode == "latent" and method.plan == plan
+    assert "eval_ppl" in hist[-1] and all("reuse_l1" in h for h in hist[1:])
+    reuse_trainer(tmp_path / "part", plan, "latent").run(stop_after=4)
+    _, mp_res, hist2 = reuse_trainer(tmp_path / "part", plan, "latent").run(resume=True)
+    assert hist2[0]["step"] == 5
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+                           mp_full, mp_res)
+    m2, mp2 = load_compressor(str(tmp_path / "full" / "compressor"), tiny_model())
+    assert m2 == method
+    with pytest.raises(ValueError, match="different settings"):  # another plan is another run
+        reuse_trainer(tmp_path / "part", whole_layers(TINY["llama"], (1,)), "latent").run(resume=True)
+
+
+def test_reuse_training_refuses_a_partial_compressed_layer_and_stage1(tmp_path):
+    with pytest.raises(ValueError, match="only whole compressed layers"):
+        reuse_trainer(tmp_path / "a", ((2, 0),))
+    with pytest.raises(ValueError, match="--steps1"):
+        reuse_trainer(tmp_path / "b", whole_layers(TINY["llama"], (2,)), steps1=2)
+
+
+# ------------------------------------------------------------------------------------------ whole-layer plans, the curve
+def test_whole_layer_plans_rank_layers_by_their_mean_head_score():
+    from kvjax.reuse import layer_scores, make_layer_plan
+
+    sim = constructed_table()  # cosine scores: layer 1 (0.05, 0.5) -> 0.275; layer 2 (0.2, 0.03) -> 0.115
+    np.testing.assert_allclose(list(layer_scores(sim, "cosine").values()), [0.275, 0.115], atol=1e-12)
+    assert make_layer_plan(sim, 1) == ((2, 0), (2, 1))
+    assert make_layer_plan(sim, 1, allowed=[1]) == ((1, 0), (1, 1))
+    assert make_layer_plan(sim, 2) == ((1, 0), (1, 1), (2, 0), (2, 1)) and make_layer_plan(sim, 0) == ()
+    with pytest.raises(ValueError, match="cannot reuse 3 whole layers"):
+        make_layer_plan(sim, 3)
+
+
+def test_thresholds_pick_the_largest_saving_within_the_rise():
+    from train.reuse import thresholds
+
+    rows = [{"series": "s", "dataset": "d", "reused_heads": n, "ppl": p, "dense_ppl": 10.0, "kv_saved_vs_bf16": f}
+            for n, p, f in [(0, 8.0, 0.5), (3, 10.2, 0.6), (6, 10.7, 0.7), (9, 12.0, 0.8)]]
+    got = {(t["reference"], t["max_rise"]): t["kv_saved_vs_bf16"] for t in thresholds(rows)}
+    assert got == {("dense", 0.03): 0.6, ("dense", 0.08): 0.7, ("no reuse", 0.03): 0.5, ("no reuse", 0.08): 0.5}
+
+
+@pytest.mark.slow
+def test_curve_cli_end_to_end(tmp_path, monkeypatch):
+    import train.reuse as cli
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.compressors import save_compressor
+
+    model = dataclasses.replace(tiny_model(), tokenizer=CharTokenizer())
+    monkeypatch.setattr(cli, "_load_model", lambda name: model)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    cli.main(["analyze", "--model", "tiny", "--data", str(text), "--windows", "2", "--context", "32",
+              "--out", str(tmp_path / "sim")])
+    comp = save_compressor(str(tmp_path / "ae"), Autoencoder(latent=6, latent_dtype="int8"), ae_mparams(model.cfg, 6), model)
+    out = tmp_path / "curve"
+    cli.main(["curve", "--similarity", str(tmp_path / "sim" / "similarity.json"), "--model", "tiny", "--heads", "0,2",
+              "--compressor", comp, "--layers", "0,1", "--calib-windows", "2", "--context", "32", "--rank", "cosine,fit",
+              "--max-tokens", "128", "--batch", "4", "--out", str(out)])
+    res = json.loads((out / "curve.json").read_text())
+    rows = {(r["series"], r["reused_heads"]): r for r in res["rows"]}
+    assert len(rows) == 8 and (out / "curve.png").stat().st_size > 1000 and (out / "curve.md").exists()
+    assert ("ae + reuse (latent, layers by fit)", 2) in rows
+    assert rows[("reuse", 0)]["ppl"] == pytest.approx(rows[("reuse", 0)]["dense_ppl"], rel=1e-6)
+    assert rows[("reuse", 2)]["kv_saved_vs_bf16"] == pytest.approx(2 / 6)
+    dec, lat = "ae + reuse (decoded)", "ae + reuse (latent)"
+    assert rows[(dec, 0)]["ppl"] == rows[(lat, 0)]["ppl"]  # the same method: the autoencoder alone
+    ae_saved = rows[(dec, 0)]["kv_saved_vs_bf16"]
+    assert rows[(lat, 2)]["kv_saved_vs_bf16"] == pytest.approx(1 - (1 - ae_saved) * 2 / 3)  # one of 3 layers
+    assert rows[(lat, 2)]["ppl"] != rows[(dec, 2)]["ppl"]
+    assert {t["reference"] for t in res["thresholds"]} == {"dense", "no reuse"}
+
+
+def test_fine_tuning_starts_from_a_trained_compressor(tmp_path):
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.compressors import save_compressor
+    from kvjax.compressors.autoencoder import fold_variables
+
+    cfg = TINY["llama"]
+    mp = ae_mparams(cfg, 6)
+    path = save_compressor(str(tmp_path / "c"), Autoencoder(latent=6), mp, tiny_model())
+    trainer = reuse_trainer(tmp_path / "run", whole_layers(cfg, (2,)), "decoded", init_from=path)
+    folded = fold_variables(trainer.init_variables())
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), folded, mp)
+    latent = reuse_trainer(tmp_path / "run2", whole_layers(cfg, (2,)), "latent", init_from=path).init_variables()
+    fitted = np.asarray(fold_variables(latent)["2"]["k_dec"][0]["w"])
+    assert np.abs(fitted - np.asarray(mp["2"]["k_dec"][0]["w"])).max() > 1e-3  # latent mode refits the decoder
+    with pytest.raises(ValueError, match="latent=8, this run's is 6"):
+        save_compressor(str(tmp_path / "c8"), Autoencoder(latent=8), ae_mparams(cfg, 8), tiny_model())
+        reuse_trainer(tmp_path / "run3", whole_layers(cfg, (2,)), init_from=str(tmp_path / "c8")).init_variables()
+
+
+@pytest.mark.parametrize("mode", [pytest.param("decoded", marks=pytest.mark.slow), "latent"])
+def test_composed_decode_through_the_fused_kernel_equals_the_xla_path(mode):
+    """A whole reused layer's decode step reads the source latents through the Pallas kernel (interpreted
+    on CPU) with the source's decoder (decoded) or its own (latent): equal to decode-then-attend."""
+    from kvjax.cache.autoencoder import Autoencoder
+
+    cfg = dataclasses.replace(TINY["llama"], d_model=64, n_heads=4, n_kv_heads=2, head_dim=32, n_layers=3)
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.2)
+    mp = ae_mparams(cfg, 24)
+    tokens = tokens_for(cfg, t=5)
+    outs = {}
+    for kernel in ("xla", "pallas"):
+        m = Reuse(plan=whole_layers(cfg, (2,)), inner=Autoencoder(latent=24, latent_dtype="int8", kernel=kernel), mode=mode)
+        cache = m.init(cfg, 2, 8, mp)
+        _, cache = prefill(params, cfg, tokens[:, :3], cache, method=m, mparams=mp)
+        steps = []
+        for i in range(3, 5):
+            lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
+            steps.append(lg)
+        outs[kernel] = np.stack(steps)
+    np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=2e-4, rtol=2e-4)
+
+
+def test_latent_fit_scores_find_the_predictable_layer():
+    """Layer 2's K/V are an invertible map of layer 1's, layer 1's are unrelated to layer 0's: layer 2 scores
+    near 0, layer 1 near 1 (the least-squares residual over the variance)."""
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.reuse import latent_fit_scores, plan_from_layer_scores
+
+    rng = np.random.default_rng(0)
+    k0, k1 = rng.normal(size=(400, 2, 4)), rng.normal(size=(400, 2, 4))
+    a = rng.normal(size=(8, 8)) + 3 * np.eye(8)
+    k2 = (k1.reshape(400, 8) @ a).reshape(400, 2, 4)
+    eye = [{"w": jnp.eye(8), "b": jnp.zeros(8)}]
+    mp = {str(l): {"k_enc": eye, "k_dec": eye, "v_enc": eye, "v_dec": eye} for l in range(3)}
+    scores = latent_fit_scores(Autoencoder(latent=8), mp, ([k0, k1, k2], [k0, k1, k2]), ridge=1e-9)
+    assert scores[2] < 1e-6 and 1.8 < scores[1] <= 2.0  # K plus V
+    assert plan_from_layer_scores(scores, 1, 2) == ((2, 0), (2, 1))

@@ -5,6 +5,13 @@ cross-entropy plus a scaled L1 reconstruction loss. Stage 2: every chosen layer 
 encoders (``--stage2-train enc``, the paper's choice) or all coders fine-tuned on cross-entropy plus the
 sum of the L1 terms. The base model never changes.
 
+With ``--reuse-plan PLAN.json`` (from ``python -m train.reuse plan``; whole layers for the compressed
+layers) the trained method is ``Reuse(plan, inner=Autoencoder(...), mode=--reuse-mode)``: reused layers
+take their K/V from the layer below (its decoded K/V, or its latent through their own decoder), and the
+loss adds ``--reuse-l1`` times the relative L1 distance between each reused head's actual K/V and what it
+reads, so the coders learn to produce K/V that serve both layers (the paper's fine-tuning after reuse).
+In latent mode the reused layers' decoders start as least-squares maps from the source latents.
+
 Which layer is active is a traced mask, so one compiled step serves every layer of stage 1 and stage 2.
 Checkpoints (orbax, atomic) go to ``OUT/ckpt`` every ``--save-every`` steps with the full configuration;
 ``--resume`` continues from the newest. The inference-form compressor (BatchNorm folded) is written to
@@ -28,6 +35,7 @@ import optax
 
 from kvjax.cache.autoencoder import Autoencoder
 from kvjax.cache.base import CacheMethod, write_at
+from kvjax.cache.reuse import MODES as REUSE_MODES, Reuse
 from kvjax.compressors.autoencoder import (LayerAutoencoders, fake_quant_int8, fold_variables,
                                            init_layer_variables, pca_linear_variables)
 from kvjax.compressors.io import save_compressor
@@ -58,10 +66,28 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     dtype: str = "float32"  # compute dtype of the frozen model
+    reuse_plan: tuple = ()  # (layer, head) pairs reused from the layer below (see kvjax.cache.reuse)
+    reuse_mode: str = "decoded"  # "decoded" or "latent"
+    reuse_l1: float = 0.01  # weight of the relative L1 between reused heads' actual and read K/V
+    init_from: str = ""  # a trained (linear) compressor to start from instead of --init: fine-tuning after reuse
 
-    def method(self, dtype: str | None = None) -> Autoencoder:
+    def __post_init__(self):
+        from kvjax.cache.reuse import normalize_plan
+        object.__setattr__(self, "reuse_plan", normalize_plan(self.reuse_plan))
+        if self.reuse_mode not in REUSE_MODES:
+            raise ValueError(f"reuse_mode={self.reuse_mode!r}; choose from {REUSE_MODES}")
+        if self.reuse_plan and self.steps1:
+            raise ValueError("--steps1 (per-layer stage 1) with --reuse-plan: reuse ties layers together; "
+                             "train with --steps1 0 (stage 2 only)")
+
+    def ae_method(self, dtype: str | None = None) -> Autoencoder:
         return Autoencoder(latent=self.latent, latent_v=self.latent_v, hidden=self.hidden, layers=tuple(self.layers),
                            latent_dtype=self.latent_dtype, pre_rope=self.pre_rope, dtype=dtype or self.dtype)
+
+    def method(self, dtype: str | None = None):
+        """The inference method: the autoencoder, wrapped in :class:`Reuse` when there is a reuse plan."""
+        ae = self.ae_method(dtype)
+        return Reuse(plan=self.reuse_plan, inner=ae, mode=self.reuse_mode) if self.reuse_plan else ae
 
 
 # ------------------------------------------------------------------------------------------ the training method
@@ -69,7 +95,13 @@ class TrainConfig:
 class _TrainingCache(CacheMethod):
     """Training only (not a compression method): stores the *reconstructed* K/V densely so gradients reach
     the autoencoders, and returns each layer's L1 term and updated BatchNorm statistics in its state.
-    mparams = {"vars": {layer: flax variables}, "active": [n_layers] float mask, "quant": [] float}."""
+    mparams = {"vars": {layer: flax variables}, "active": [n_layers] float mask}.
+
+    With a reuse ``plan`` a reused head stores what it reads (its source layer's reconstructed K/V, or in
+    latent mode the source latent through this layer's decoder) and its state carries ``reuse_l1``, the
+    relative L1 distance to the K/V the layer actually computed. Each state also keeps the new tokens'
+    latents (``zk``, ``zv``) and stored K/V (``new_k``, ``new_v``: [B, T, K, D], keys after RoPE) for the
+    layers above that read them."""
 
     name = "autoencoder-training"
     width: int = 0
@@ -78,6 +110,8 @@ class _TrainingCache(CacheMethod):
     pre_rope: bool = True
     quant: bool = False
     latent_v: int = 0
+    plan: tuple = ()
+    reuse_mode: str = "decoded"
 
     def init_layer(self, cfg, layer, batch, max_len):
         shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
@@ -90,6 +124,7 @@ class _TrainingCache(CacheMethod):
         xk = k.reshape(b, t, -1).astype(jnp.float32)
         xv = v.reshape(b, t, -1).astype(jnp.float32)
         active = params["active"][layer]
+        zk = zv = None
         if str(layer) in params["vars"]:
             module = LayerAutoencoders(self.width, self.latent, self.hidden, self.latent_v)
             var = params["vars"][str(layer)]
@@ -110,8 +145,48 @@ class _TrainingCache(CacheMethod):
         k = xk.reshape(k.shape)
         if self.pre_rope:
             k = self.rotate_keys(cfg, k, positions)
-        return {"k": write_at(state["k"], k, starts), "v": write_at(state["v"], xv.reshape(v.shape), starts),
-                "l1": l1 * active, "batch_stats": stats}
+        v = xv.reshape(v.shape)
+        new = {"k": write_at(state["k"], k, starts), "v": write_at(state["v"], v, starts),
+               "l1": l1 * active, "batch_stats": stats, "new_k": k, "new_v": v}
+        if zk is not None:
+            new.update(zk=zk, zv=zv)
+        return new
+
+    def write(self, params, cfg, cache, layer, k, v, positions):
+        reuse = Reuse(plan=self.plan)
+        reused = reuse.reused_heads(layer)
+        if not reused:
+            return super().write(params, cfg, cache, layer, k, v, positions)
+        k_act = self.rotate_keys(cfg, k, positions).astype(jnp.float32)  # [B, T, K, D] after RoPE
+        v_act = v.astype(jnp.float32)
+        stats = {}
+        if self.reuse_mode == "latent":  # a whole compressed layer: the source latent, this layer's decoder
+            src = cache.layers[reuse.source(cfg, layer, 0)]
+            module = LayerAutoencoders(self.width, self.latent, self.hidden, self.latent_v)
+            (rk, rv), upd = module.apply(params["vars"][str(layer)], src["zk"], src["zv"], train=True,
+                                         method=LayerAutoencoders.decode, mutable=["batch_stats"])
+            stats = upd.get("batch_stats", {})
+            k_used, v_used = rk.reshape(k.shape), rv.reshape(v.shape)
+            if self.pre_rope:
+                k_used = self.rotate_keys(cfg, k_used, positions)
+        else:  # each reused head: the source layer's stored (reconstructed) head
+            ks, vs = [], []
+            for h in range(cfg.n_kv_heads):
+                src = reuse.source(cfg, layer, h)
+                ks.append(k_act[:, :, h] if src == layer else cache.layers[src]["new_k"][:, :, h])
+                vs.append(v_act[:, :, h] if src == layer else cache.layers[src]["new_v"][:, :, h])
+            k_used, v_used = jnp.stack(ks, axis=2), jnp.stack(vs, axis=2)
+        idx = jnp.asarray(reused)
+
+        def rel_l1(used, actual):
+            return jnp.mean(jnp.abs(used - actual)) / (jnp.mean(jnp.abs(actual)) + 1e-6)
+
+        reuse_l1 = rel_l1(k_used[:, :, idx], k_act[:, :, idx]) + rel_l1(v_used[:, :, idx], v_act[:, :, idx])
+        state = cache.layers[layer]
+        starts = positions[:, 0]
+        new = {"k": write_at(state["k"], k_used, starts), "v": write_at(state["v"], v_used, starts),
+               "l1": jnp.float32(0), "reuse_l1": reuse_l1, "batch_stats": stats, "new_k": k_used, "new_v": v_used}
+        return cache.set_layer(layer, new)
 
     def read_layer(self, params, cfg, cache, layer):
         return cache.layers[layer]["k"], cache.layers[layer]["v"]
@@ -154,16 +229,19 @@ class Trainer:
         self.train_windows, self.eval_windows = train_windows, eval_windows
         self.out_dir, self.progress, self.save_dtype = out_dir, progress, save_dtype
         self.data_record = data_record or {}
-        self.infer_method = tc.method(dtype="float32")
+        self.infer_method = tc.ae_method(dtype="float32")
         self.layers = self.infer_method.compressed_layers(self.cfg)
         self.latent = self.infer_method.latent_dim(self.cfg)
         self.latent_v = self.infer_method.latent_v_dim(self.cfg)
         self.train_method = _TrainingCache(width=self.cfg.kv_width, latent=self.latent, hidden=tc.hidden,
-                                           pre_rope=tc.pre_rope, latent_v=self.latent_v)
+                                           pre_rope=tc.pre_rope, latent_v=self.latent_v, plan=tc.reuse_plan,
+                                           reuse_mode=tc.reuse_mode)
         self.quant_method = dataclasses.replace(self.train_method, quant=True)
         self.n1 = tc.steps1 * len(self.layers)
         self._dense_ppl = None
         self.total = self.n1 + tc.steps2
+        if tc.reuse_plan:  # a plan that does not fit the model or the autoencoder fails here, not mid-run
+            tc.method().validate(self.cfg, fold_variables(self.init_variables_abstract()))
 
     # -- optimizers: stage 1 trains everything of the active layer; stage 2 encoders (or all)
     def optimizer(self, stage: int, params):
@@ -186,11 +264,65 @@ class Trainer:
         keys = jax.random.split(key, len(self.layers))
         variables = {str(l): init_layer_variables(k, self.cfg.kv_width, self.latent, self.tc.hidden, self.latent_v)
                      for l, k in zip(self.layers, keys)}
-        if self.tc.init == "pca":
+        if self.tc.init_from:
+            variables = self.variables_from_compressor(variables)
+            if self.tc.reuse_mode == "latent":
+                variables = self.fit_reuse_decoders(variables, self.calibration_rows())
+        elif self.tc.init == "pca":
             if self.tc.hidden:
                 raise ValueError("--init pca needs the linear variant (--hidden 0); use --init random")
             rows = self.calibration_rows()
             variables = {l: pca_linear_variables(v, *rows[int(l)], self.latent, self.latent_v) for l, v in variables.items()}
+            if self.tc.reuse_mode == "latent":
+                variables = self.fit_reuse_decoders(variables, rows)
+        return variables
+
+    def variables_from_compressor(self, variables):
+        """Training variables holding a trained linear compressor's parameters (``tc.init_from``), which must
+        have this run's autoencoder settings (a composed method's inner autoencoder counts)."""
+        from kvjax.compressors import load_compressor
+
+        method, mp = load_compressor(self.tc.init_from, self.model)
+        ae = getattr(method, "inner", None) or method
+        mine, cfg = self.tc.ae_method(), self.cfg
+
+        def shape(m):
+            return {"latent": m.latent_dim(cfg), "latent_v": m.latent_v_dim(cfg), "hidden": m.hidden,
+                    "layers": m.compressed_layers(cfg), "pre_rope": m.pre_rope}
+
+        for key, want in shape(mine).items():
+            if shape(ae)[key] != want:
+                raise ValueError(f"--init-from {self.tc.init_from}: its {key}={shape(ae)[key]!r}, this run's is {want!r}")
+        if self.tc.hidden:
+            raise ValueError("--init-from starts linear autoencoders only (--hidden 0)")
+        out = {}
+        for l, var in variables.items():
+            params = {part: {"dense_0": {"kernel": jnp.asarray(mp[l][part][0]["w"], jnp.float32),
+                                         "bias": jnp.asarray(mp[l][part][0]["b"], jnp.float32)}}
+                      for part in ("k_enc", "k_dec", "v_enc", "v_dec")}
+            out[l] = {**var, "params": params}
+        return out
+
+    def fit_reuse_decoders(self, variables, rows):
+        """Latent reuse: each reused layer's (linear) decoders become least-squares maps from its source
+        layer's latents (int8 round trip included when latents are int8) to its own K and V rows."""
+        from kvjax.compressors.autoencoder import dequantize_int8, quantize_int8
+        from kvjax.reuse import fit_decoder
+
+        reuse = Reuse(plan=self.tc.reuse_plan)
+        variables = dict(variables)
+        for layer in sorted({l for l, _ in self.tc.reuse_plan}):
+            src = reuse.source(self.cfg, layer, 0)
+            params = dict(variables[str(layer)]["params"])
+            for i, part in enumerate(("k", "v")):
+                enc = variables[str(src)]["params"][part + "_enc"]["dense_0"]
+                z = jnp.asarray(rows[src][i], jnp.float32) @ enc["kernel"] + enc["bias"]
+                if self.tc.latent_dtype == "int8":
+                    z = dequantize_int8(*quantize_int8(z))
+                w, b = fit_decoder(np.asarray(z), rows[layer][i])
+                params[part + "_dec"] = {"dense_0": {"kernel": jnp.asarray(w, jnp.float32),
+                                                     "bias": jnp.asarray(b, jnp.float32)}}
+            variables[str(layer)] = {**variables[str(layer)], "params": params}
         return variables
 
     def calibration_rows(self, n_windows: int = 8):
@@ -212,7 +344,7 @@ class Trainer:
         return rows
 
     def make_step(self, tx, method):
-        cfg, w = self.cfg, self.tc.l1_weight
+        cfg, w, wr = self.cfg, self.tc.l1_weight, self.tc.reuse_l1
 
         def loss_fn(ae_params, variables, params, tokens, active):
             merged = {l: {**v, "params": ae_params[l]} for l, v in variables.items()}
@@ -221,18 +353,19 @@ class Trainer:
             logits, cache = forward(params, cfg, tokens, cache, method, mp)
             ce = token_nll(logits, tokens)
             l1 = sum(cache.layers[int(l)]["l1"] for l in variables)
+            reuse_l1 = sum((st["reuse_l1"] for st in cache.layers if "reuse_l1" in st), jnp.float32(0))
             stats = {l: cache.layers[int(l)]["batch_stats"] for l in variables}
-            return ce + w * l1, (ce, l1, stats)
+            return ce + w * l1 + wr * reuse_l1, (ce, l1, reuse_l1, stats)
 
         def step(variables, opt_state, params, tokens, active):
             ae_params = {l: v["params"] for l, v in variables.items()}
-            (loss, (ce, l1, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            (loss, (ce, l1, reuse_l1, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 ae_params, variables, params, tokens, active)
             updates, opt_state = tx.update(grads, opt_state, ae_params)
             ae_params = optax.apply_updates(ae_params, updates)
             new_vars = {l: {**variables[l], "params": ae_params[l],
                             **({"batch_stats": stats[l]} if stats[l] else {})} for l in variables}
-            return new_vars, opt_state, {"loss": loss, "ce": ce, "l1": l1}
+            return new_vars, opt_state, {"loss": loss, "ce": ce, "l1": l1, "reuse_l1": reuse_l1}
 
         return jax.jit(step, donate_argnums=(0, 1))
 
@@ -300,7 +433,7 @@ class Trainer:
             variables, opt_state = new_vars, new_opt
             step += 1
             rec = {"step": step, "stage": stage, "loss": loss, "ce": float(metrics["ce"]), "l1": float(metrics["l1"]),
-                   "ppl": math.exp(float(metrics["ce"]))}
+                   "reuse_l1": float(metrics["reuse_l1"]), "ppl": math.exp(float(metrics["ce"]))}
             bar.update(1)
             bar.set_postfix(stage=stage, loss=f"{loss:.3f}", ppl=f"{rec['ppl']:.2f}", l1=f"{rec['l1']:.3f}")
             if step % self.tc.eval_every == 0 or step == self.total:
@@ -333,8 +466,8 @@ class Trainer:
 
     def record(self) -> dict:
         from kvjax.compressors.io import model_identity
-        return {"train_config": {k: (list(v) if isinstance(v, tuple) else v)
-                                 for k, v in dataclasses.asdict(self.tc).items()},
+        # through JSON, so that nested tuples (a reuse plan) compare equal to a saved run record
+        return {"train_config": json.loads(json.dumps(dataclasses.asdict(self.tc))),
                 "model": model_identity(self.model), "data": self.data_record}
 
     def log(self, msg):
@@ -379,6 +512,14 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--reuse-plan", default=None,
+                    help="reuse plan JSON (python -m train.reuse plan; whole layers for compressed layers)")
+    ap.add_argument("--reuse-mode", default="decoded", choices=list(REUSE_MODES),
+                    help="reused layers read the layer below's decoded K/V, or its latent through their own decoder")
+    ap.add_argument("--reuse-l1", type=float, default=0.01,
+                    help="weight of the relative L1 between reused heads' actual and read K/V")
+    ap.add_argument("--init-from", default="",
+                    help="start from this trained linear compressor (e.g. fine-tuning it after reuse)")
     ap.add_argument("--out", required=True, help="output directory (checkpoints, compressor, history)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ap.add_argument("--max-tokens", type=int, default=0, help="use only the first N training tokens (0: all)")
@@ -395,8 +536,12 @@ def main(argv=None):
                      init=args.init or ("pca" if args.hidden == 0 else "random"), steps1=args.steps1,
                      steps2=args.steps2, stage2_train=args.stage2_train, batch=args.batch, context=args.context,
                      lr=args.lr, lr2=args.lr2, l1_weight=args.l1_weight, eval_every=args.eval_every,
-                     save_every=args.save_every, seed=args.seed, dtype=args.dtype)
+                     save_every=args.save_every, seed=args.seed, dtype=args.dtype, reuse_mode=args.reuse_mode,
+                     reuse_l1=args.reuse_l1, init_from=args.init_from)
     model = load(args.model)
+    if args.reuse_plan:
+        from kvjax.reuse import load_plan
+        tc = dataclasses.replace(tc, reuse_plan=load_plan(args.reuse_plan, model))
     text, record = training_text(args.data, args.data_dir)
     ids = np.asarray(model.tokenizer.encode(text), np.int32)
     if args.max_tokens:

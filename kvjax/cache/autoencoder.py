@@ -174,9 +174,13 @@ class Autoencoder(CacheMethod):
         if (q.shape[1] != 1 or layer not in self.compressed_layers(cfg) or not self.use_kernel()
                 or self.storage_dtype == "int4"):  # the fused kernel reads float or int8 latents
             return super().attend(params, cfg, cache, layer, q, positions)
+        return self.attend_latents(cfg, cache.layers[layer], params[str(layer)], q, positions)
+
+    def attend_latents(self, cfg, state, p, q, positions):
+        """One decode step of q: [B, 1, H, D] over the latents in ``state`` (a compressed layer's state),
+        decoded by the coders ``p`` (one layer's), through the fused kernel. Returns [B, 1, H, D]."""
         from pallas_kernels.decompress_attention.api import decompress_attend
 
-        state, p = cache.layers[layer], params[str(layer)]
         quant = {}
         if self.storage_dtype == "int8":
             quant = {"k_scale": state["k_scale"], "k_min": state["k_min"],
@@ -186,15 +190,18 @@ class Autoencoder(CacheMethod):
                                 implementation="pallas", **quant)
         return out[:, None].astype(q.dtype)
 
-    def read_layer(self, params, cfg, cache, layer):
-        state = cache.layers[layer]
-        if layer not in self.compressed_layers(cfg):
-            return state["k"], state["v"]
-        zk, zv = self.latents(state)
+    def decode(self, cfg, p, zk, zv):
+        """(k, v): [B, S, K, D] decoded from latents zk, zv: [B, S, L] by one layer's coders ``p``; keys
+        after RoPE (rotated here when stored pre-RoPE; slot s holds position s)."""
         b, s = zk.shape[:2]
-        p = params[str(layer)]
         k = apply_coder(p["k_dec"], zk).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
         v = apply_coder(p["v_dec"], zv).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
         if self.pre_rope:
             k = self.rotate_keys(cfg, k, self.slot_positions(b, s))
         return k, v
+
+    def read_layer(self, params, cfg, cache, layer):
+        state = cache.layers[layer]
+        if layer not in self.compressed_layers(cfg):
+            return state["k"], state["v"]
+        return self.decode(cfg, params[str(layer)], *self.latents(state))

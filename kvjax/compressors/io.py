@@ -47,7 +47,7 @@ def save_compressor(path: str, method, mparams, model, training: dict | None = N
         ck = _checkpointer()
         ck.save(os.path.join(tmp, "params"), params)
         ck.wait_until_finished()
-        meta = {"format": FORMAT, "method": {"name": method.name, "settings": _settings(method)},
+        meta = {"format": FORMAT, "method": method_to_json(method),
                 "model": model_identity(model), "training": training or {}}
         with open(os.path.join(tmp, "compressor.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -63,12 +63,34 @@ def save_compressor(path: str, method, mparams, model, training: dict | None = N
     return path
 
 
-def _settings(method) -> dict:
-    out = {}
-    for f in dataclasses.fields(method):
-        v = getattr(method, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
+def method_to_json(method) -> dict:
+    """``{"name", "settings"}`` of a method; a nested method (``Reuse(inner=...)``) nests the same way,
+    tuples (layer lists, reuse plans) become lists."""
+    def value(v):
+        if dataclasses.is_dataclass(v) and hasattr(v, "name"):
+            return method_to_json(v)
+        if isinstance(v, tuple):
+            return [value(x) for x in v]
+        return v
+
+    return {"name": method.name, "settings": {f.name: value(getattr(method, f.name)) for f in dataclasses.fields(method)}}
+
+
+def method_from_json(meta: dict, dtype: str | None = None):
+    """Inverse of :func:`method_to_json` (lists become tuples); ``dtype`` replaces every ``dtype`` setting."""
+    from kvjax.cache.registry import get_method
+
+    def value(v):
+        if isinstance(v, dict) and set(v) == {"name", "settings"}:
+            return method_from_json(v, dtype)
+        if isinstance(v, list):
+            return tuple(value(x) for x in v)
+        return v
+
+    settings = {k: value(v) for k, v in meta["settings"].items()}
+    if dtype is not None and "dtype" in settings:
+        settings["dtype"] = dtype
+    return get_method(meta["name"], **settings)
 
 
 def read_metadata(path: str) -> dict:
@@ -95,8 +117,6 @@ def _restore_here(params_path: str):
 def load_compressor(path: str, model, dtype: str | None = None, check_hash: bool = True):
     """Returns (method, mparams) for ``model`` (a LoadedModel); a compressor trained for another model
     (layer count, dims, or weights hash) is refused with a clear error."""
-    from kvjax.cache.registry import get_method
-
     path = os.path.abspath(path)  # orbax takes absolute paths only
     meta = read_metadata(path)
     want, have = meta["model"], model_identity(model)
@@ -107,10 +127,7 @@ def load_compressor(path: str, model, dtype: str | None = None, check_hash: bool
     if check_hash and want.get("sha256") and have["sha256"] and want["sha256"] != have["sha256"]:
         raise CompressorError(f"{path}: trained for model weights sha256 {want['sha256'][:12]}…, but "
                               f"{model.source} has sha256 {have['sha256'][:12]}…")
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["method"]["settings"].items()}
-    if dtype is not None:
-        settings["dtype"] = dtype
-    method = get_method(meta["method"]["name"], **settings)
+    method = method_from_json(meta["method"], dtype)
     try:
         params = _restore_here(os.path.join(path, "params"))
     except Exception as e:  # orbax raises many types for damaged directories
