@@ -68,7 +68,7 @@ def test_reuse_of_identical_layers_equals_dense(tiny):
 
 def test_chains_resolve_to_the_lowest_stored_layer():
     cfg = TINY["llama"]
-    m = Reuse(plan=((2, 1), (1, 1), (2, 0)))
+    m = Reuse(plan=((2, 1), (1, 1), (2, 0)), inner=Dense(layout="bskd"))  # storage inspected below as [B, S, K, D]
     assert m.plan == ((1, 1), (2, 0), (2, 1))  # normalized
     assert m.source(cfg, 2, 1) == 0 and m.source(cfg, 1, 1) == 0 and m.source(cfg, 2, 0) == 1
     assert m.source(cfg, 1, 0) == 1 and m.source(cfg, 0, 1) == 0
