@@ -36,8 +36,16 @@ for step in "$@"; do
         --reps 5 --out $OUT/mb_dense_pallas_nopad 2>&1 | grep -E "^\|"
       tar -C $OUT -cf $OUT/aebench.tar mb_ae_auto mb_ae_xla mb_dense_pallas_nopad && rm -rf $OUT/mb_* ;;
     report)  # the grid (cells already in results/smollm2/cells are skipped)
-      python3 -m eval.report --grid results/smollm2/grid.json --out results/smollm2 2>&1 | grep -v -E "slow_operation|Constant folding|^$" | tail -40
-      tar -cf $OUT/report.tar results/smollm2 ;;
+      timeout ${REPORT_S:-560} python3 -m eval.report --grid results/smollm2/grid.json --out results/smollm2 2>&1 | grep -v -E "slow_operation|Constant folding|^$" | tail -30
+      tar -cf $OUT/report.tar results/smollm2/cells results/smollm2/results.* results/smollm2/*.png ;;
+    continue)  # every method under the compress-then-continue protocol, full WikiText-2 test
+      timeout ${REPORT_S:-560} python3 -m eval.report --grid results/smollm2/grid-continue.json --out results/smollm2/continue 2>&1 | grep -v -E "slow_operation|Constant folding|^$" | tail -30
+      tar -cf $OUT/continue.tar results/smollm2/continue ;;
+    reusecurve)  # issue 5: perplexity vs reused heads/layers, plain and composed with the compressor
+      timeout ${REPORT_S:-560} python3 -m train.reuse curve --similarity results/smollm2/reuse/similarity/similarity.json \
+        --compressor results/compressors/smollm2-k96v192-int8 --datasets wikitext2 c4 --batch 32 \
+        --heads 0,3,6,9,15,30 --layers 0,1,2,3,5,8 --rank cosine --out results/smollm2/reuse/curve-full 2>&1 | grep -v -E "slow_operation|Constant folding|^$" | tail -30
+      tar -cf $OUT/reuse.tar results/smollm2/reuse/curve-full ;;
     kernels1)
       export PYTHONPATH=$PWD
       python3 -m pallas_kernels.decompress_attention.bench --layers smollm2 --time-budget-s 480 --out $OUT/kernels_smollm2 2>&1 | tail -60 ;;
