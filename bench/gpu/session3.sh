@@ -25,7 +25,8 @@ for step in "$@"; do
         python3 -m bench.model_bench --random-weights --method $m --reps 5 --out $d 2>&1 | grep -E "^\|" ; done
       tar -C $OUT -cf $OUT/model_bench.tar $(cd $OUT && ls -d mb_*) && rm -rf $OUT/mb_* ;;
     capacity)  # issue 4: capacity at 80 GiB, computed and confirmed by allocating + decoding on the device
-      python3 -m eval.capacity --model smollm2-135m --dtype bfloat16 --memory-gb 79 --seq-len 4096 --batch 64 --verify \
+      XLA_FLAGS="--xla_gpu_autotune_level=0" timeout ${CAPACITY_S:-240} python3 -m eval.capacity --model smollm2-135m --dtype bfloat16 \
+        --memory-gb 79 --reserve-gb ${RESERVE_GB:-8} --seq-len 4096 --batch 64 --verify \
         --methods "dense:dtype=bfloat16;quantized:bits=8,dtype=bfloat16;quantized:bits=4,group=32,dtype=bfloat16${CAPACITY_EXTRA:-}" \
         --compressor results/compressors/smollm2-k96v192-int8 --json $OUT/capacity.json 2>&1 | grep -v -E "slow_operation|Constant folding|^$" ;;
     aebench)  # issue 6: the model's decode step with the fused kernel (kernel=auto) vs decode-then-attend (xla)
