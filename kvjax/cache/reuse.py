@@ -120,7 +120,8 @@ class Reuse(CacheMethod):
         if self.inner is not None:
             return self.inner
         from kvjax.cache.dense import Dense
-        return Dense(dtype=self.dtype)
+        # [B, S, K, D]: reused heads are gathered from read_layer, which would transpose a head-major cache
+        return Dense(dtype=self.dtype, layout="bskd")
 
     def latent_layer(self, cfg, layer: int) -> bool:
         """Whether ``inner`` stores ``layer`` as an autoencoder latent (heads mixed)."""
