@@ -81,6 +81,28 @@ def test_ragged_batch_never_attends_to_padding(tiny):
     np.testing.assert_allclose(nxt[0], nxt1[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["bksd", "bskd"])
+def test_decode_kernel_equals_xla_on_a_ragged_batch(tiny, layout):
+    """The dense cache's Pallas decode attention (interpreted on CPU) equals the XLA path, prompts of
+    different lengths included; "auto" is XLA off the GPU."""
+    from tests.conftest import prefill_then_decode
+
+    from kvjax.models.params import init_params
+
+    cfg = dataclasses.replace(tiny[0], head_dim=16)  # the kernel's smallest head_dim
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
+    tokens = jax.random.randint(jax.random.PRNGKey(7), (3, 6), 0, cfg.vocab_size)
+    outs = {k: prefill_then_decode(params, cfg, tokens, Dense(layout=layout, kernel=k)) for k in ("xla", "pallas")}
+    np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=1e-4, rtol=1e-4)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    a = generate(params, cfg, prompts, max_new_tokens=4, stop_tokens=(), method=Dense(layout=layout, kernel="pallas"))
+    b = generate(params, cfg, prompts, max_new_tokens=4, stop_tokens=(), method=Dense(layout=layout))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert Dense(kernel="auto")._decode_kernel(cfg) == "xla"
+    with pytest.raises(ValueError, match="kernel='triton'"):
+        Dense(kernel="triton")
+
+
 def test_batched_generation_equals_one_by_one(tiny):
     cfg, params = tiny
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [2]]

@@ -53,6 +53,16 @@ for step in "$@"; do
     kernels2)
       export PYTHONPATH=$PWD
       python3 -m pallas_kernels.decompress_attention.bench --layers llama7b --time-budget-s 480 --out $OUT/kernels_llama7b 2>&1 | tail -60 ;;
+    decodeattn)  # issue 2: kvjax's dense decode kernel (head-major cache): GPU tests, tiling sweep, vs XLA
+      export PYTHONPATH=$PWD
+      python3 -m unittest pallas_kernels.decode_attention.test_decode_attention 2>&1 | tail -4
+      timeout ${SWEEP_S:-240} python3 -m pallas_kernels.decode_attention.bench --shapes ${DA_SHAPES:-64x2048,256x512,64x512} \
+        ${DA_SWEEP---sweep} --out $OUT/decode_attention${DA_SWEEP-_sweep} 2>&1 | grep -E "^\|" ;;
+    densebench)  # issue 2: the model's decode step, dense cache, XLA attention vs the Pallas kernel
+      export PYTHONPATH=$PWD
+      for k in ${DENSE_KERNELS:-pallas xla}; do
+        python3 -m bench.model_bench --random-weights --method dense:kernel=$k --reps 5 --batches ${MB_BATCHES:-16,64,256} \
+          --contexts ${MB_CONTEXTS:-512,2048} --prefill-chunk 512 --out $OUT/mb_dense_$k 2>&1 | grep -E "^\|" ; done ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
