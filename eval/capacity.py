@@ -16,6 +16,13 @@ jitted ``decode_step``s at that batch, timing decode tokens/s (median of several
 ``block_until_ready``). On CPU only a tiny size is run (it confirms the code path, not the capacity). The
 JSON says, per method, what was confirmed on the device and what was only computed.
 
+The device may not offer the whole budget: XLA's allocator gets ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of the GPU
+(jax's default 0.75; ``--verify`` sets 0.95 unless the variable is set). Before allocating, the plan is checked
+against the allocator's ``bytes_limit``: a cache that cannot fit there is not attempted (asking for more than
+the limit made XLA's allocator retry for minutes), and the largest batch that does fit, with the same
+reserve, is run instead and recorded as such (``verify.batch`` < ``max_batch``, ``confirmed`` false,
+``confirmed_batch``).
+
 Command line::
 
     python -m eval.capacity --model smollm2-135m --methods dense,dense:dtype=bfloat16 --memory-gb 80 \\
@@ -25,13 +32,18 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+if __name__ == "__main__" and "--verify" in sys.argv:  # before jax starts: let XLA's allocator use the GPU
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
-from eval.common import device_record, kv_record, method_spec, now, tree_bytes
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from eval.common import device_record, kv_record, method_spec, now, tree_bytes  # noqa: E402
 
 GIB = 1 << 30
 
@@ -99,13 +111,40 @@ def verify(params, cfg, method, batch: int, seq_len: int, mparams=None, steps: i
             "decode_tokens_per_s": batch / med, "logits_finite": finite, **stats}
 
 
+def device_bytes_limit() -> int | None:
+    """The allocator's limit on device 0 (None where the backend reports none, e.g. CPU)."""
+    try:
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - memory_stats is not available on every backend
+        return None
+    return int(limit) if limit else None
+
+
+def verify_batch(row: dict, *, limit: int | None, param_bytes: int, mp_bytes: int, reserve: int) -> tuple[int, str | None]:
+    """The batch to run for ``row``'s plan: its ``max_batch`` when that fits the allocator's ``limit`` (with
+    the parameters and the reserve), else the largest that does, with the reason."""
+    b = row["max_batch"]
+    if limit is None:
+        return b, None
+    per_seq = row["bytes_per_sequence_at_seq_len"]
+    fits = max((limit - param_bytes - mp_bytes - reserve) // per_seq, 0)
+    if b <= fits:
+        return b, None
+    return int(fits), (f"the device allocator allows {limit / GIB:.2f} GiB (XLA_PYTHON_CLIENT_MEM_FRACTION="
+                       f"{os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 'default 0.75')}): the computed "
+                       f"{b} sequences need {(b * per_seq + param_bytes + mp_bytes + reserve) / GIB:.2f} GiB with "
+                       f"parameters and reserve; ran the largest batch that fits, {fits}")
+
+
 def capacity(cfg, methods, *, memory_gb: float, seq_len: int, batch: int, param_bytes: int = 0,
              reserve_gb: float = 2.0, mparams: dict | None = None, params=None, do_verify: bool = False,
-             cpu_verify_batch: int = 2, cpu_verify_seq: int = 64, dense_dtype: str = "float32") -> dict:
+             cpu_verify_batch: int = 2, cpu_verify_seq: int = 64, dense_dtype: str = "float32",
+             bytes_limit: int | None = None) -> dict:
     """Capacity of each method (a list of method objects) in ``memory_gb`` GiB.
 
     ``mparams`` maps a method's spec to its learned parameters (their bytes leave the budget too).
-    With ``do_verify`` (needs ``params``) each plan is run on the device (on CPU at a tiny size).
+    With ``do_verify`` (needs ``params``) each plan is run on the device (on CPU at a tiny size), capped by
+    the allocator's limit (``bytes_limit``, default: what device 0 reports; see the module docstring).
     Returns {"budget": ..., "methods": [per-method dict]}.
     """
     mparams = mparams or {}
@@ -114,6 +153,7 @@ def capacity(cfg, methods, *, memory_gb: float, seq_len: int, batch: int, param_
     memory = int(memory_gb * GIB)
     reserve = int(reserve_gb * GIB)
     on_cpu = jax.devices()[0].platform == "cpu"
+    limit = None if on_cpu else (bytes_limit or device_bytes_limit())
     rows = []
     for method in methods:
         spec = method_spec(method)
@@ -130,23 +170,32 @@ def capacity(cfg, methods, *, memory_gb: float, seq_len: int, batch: int, param_
                 raise ValueError("verify needs the model parameters")
             if on_cpu:
                 b, s = min(cpu_verify_batch, max(row["max_batch"], 1)), min(cpu_verify_seq, cfg.max_seq_len, seq_len)
+                capped = None
             else:
-                b, s = row["max_batch"], seq_len
+                s = seq_len
+                b, capped = verify_batch(row, limit=limit, param_bytes=param_bytes, mp_bytes=mp_bytes,
+                                         reserve=reserve)
             if b < 1:
-                row["verify"] = {"error": "max_batch is 0: nothing to verify"}
+                row["verify"] = {"error": capped or "max_batch is 0: nothing to verify"}
             else:
                 try:
                     row["verify"] = verify(params, cfg, method, b, s, mp)
-                    row["confirmed"] = (not on_cpu) and row["verify"]["logits_finite"]
+                    ok = (not on_cpu) and row["verify"]["logits_finite"]
+                    row["confirmed"] = ok and capped is None
+                    if ok:
+                        row["confirmed_batch"] = b
+                    if capped:
+                        row["verify"]["note"] = capped
                     if row["verify"]["cache_nbytes"] != method.cache_nbytes(cfg, b, s):
                         raise AssertionError(f"{spec}: allocated cache {row['verify']['cache_nbytes']} B "
                                              f"!= method.cache_nbytes(cfg, {b}, {s})")
                 except (RuntimeError, MemoryError) as e:  # an out-of-memory on the device, recorded
                     row["verify"] = {"batch": b, "seq_len": s, "error": str(e).splitlines()[0][:300]}
-            if on_cpu and "error" not in row["verify"]:
+            if on_cpu and "error" not in row["verify"] and "note" not in row["verify"]:
                 row["verify"]["note"] = "CPU: ran a tiny size to check the code path; capacity not confirmed"
         rows.append(row)
     return {"memory_gb": memory_gb, "memory_bytes": memory, "param_bytes": param_bytes, "reserve_gb": reserve_gb,
+            "device_bytes_limit": limit,
             "reserve_bytes": reserve, "seq_len": seq_len, "batch": batch, "methods": rows,
             **device_record(), "date": now()}
 
@@ -186,8 +235,15 @@ def main(argv=None):
                 "library": "kvjax", "task": "capacity"})
     if args.json:
         write_json(args.json, res)
+    def state(r):
+        if r["confirmed"]:
+            return f" (confirmed, {r['verify']['decode_tokens_per_s']:,.0f} tok/s)"
+        if "confirmed_batch" in r:
+            return f" (ran batch {r['confirmed_batch']}: {r['verify'].get('note', '')})"
+        return f" (verify: {r['verify']['error']})" if "error" in r.get("verify", {}) else ""
+
     parts = [f"{r['method']}: batch {r['max_batch']} @ {args.seq_len}, seq {r['max_seq_len_capped']} @ {args.batch}"
-             + (" (confirmed)" if r["confirmed"] else "") for r in res["methods"]]
+             + state(r) for r in res["methods"]]
     print(f"[eval.capacity] {res['model']} in {args.memory_gb:g} GiB (params {param_bytes / GIB:.2f} GiB, reserve "
           f"{args.reserve_gb:g} GiB): " + "; ".join(parts))
     return res

@@ -268,6 +268,19 @@ def test_capacity_verify_runs_decode_on_cpu():
     assert r["confirmed"] is False and "CPU" in v["note"]  # a tiny run on CPU confirms the path, not the size
 
 
+def test_capacity_verify_never_asks_past_the_allocator_limit():
+    """A plan larger than the device allocator's limit is run at the largest batch that fits, and is not
+    called confirmed."""
+    from eval.capacity import verify_batch
+
+    row = {"max_batch": 100, "bytes_per_sequence_at_seq_len": 1000}
+    assert verify_batch(row, limit=None, param_bytes=10, mp_bytes=0, reserve=0) == (100, None)
+    assert verify_batch(row, limit=200_000, param_bytes=10, mp_bytes=0, reserve=0) == (100, None)
+    b, why = verify_batch(row, limit=50_000 + 510, param_bytes=10, mp_bytes=500, reserve=0)
+    assert b == 50 and "ran the largest batch that fits, 50" in why and "XLA_PYTHON_CLIENT_MEM_FRACTION" in why
+    assert verify_batch(row, limit=400, param_bytes=10, mp_bytes=0, reserve=0)[0] == 0
+
+
 # ---------------------------------------------------------------------------------------------- data
 needs_data = pytest.mark.skipif(not (data_dir() / "wikitext-2-raw" / "wiki.test.raw").exists(),
                                 reason="shared data folder not present")

@@ -24,10 +24,11 @@ for step in "$@"; do
         d=$OUT/mb_$(echo $m | tr ':=,' '___')
         python3 -m bench.model_bench --random-weights --method $m --reps 5 --out $d 2>&1 | grep -E "^\|" ; done
       tar -C $OUT -cf $OUT/model_bench.tar $(cd $OUT && ls -d mb_*) && rm -rf $OUT/mb_* ;;
-    capacity)  # issue 4: capacity at 80 GiB, computed and confirmed by allocating + decoding on the device
-      XLA_FLAGS="--xla_gpu_autotune_level=0" timeout ${CAPACITY_S:-240} python3 -m eval.capacity --model smollm2-135m --dtype bfloat16 \
-        --memory-gb 79 --reserve-gb ${RESERVE_GB:-8} --seq-len 4096 --batch 64 --verify \
-        --methods "dense:dtype=bfloat16;quantized:bits=8,dtype=bfloat16;quantized:bits=4,group=32,dtype=bfloat16${CAPACITY_EXTRA:-}" \
+    capacity)  # issue 4: capacity in 80 GB (74.5 GiB), computed and confirmed by allocating + decoding on the device
+      export PYTHONPATH=/tmp/site:$PWD
+      timeout ${CAPACITY_S:-420} python3 -m eval.capacity --model smollm2-135m --dtype bfloat16 \
+        --memory-gb ${CAPACITY_GIB:-74.5} --reserve-gb ${RESERVE_GB:-4} --seq-len 4096 --batch 64 --verify \
+        --methods "dense:dtype=bfloat16;quantized:bits=8,dtype=bfloat16;kivi:bits=4,residual=32,dtype=bfloat16;quantized:bits=4,group=32,dtype=bfloat16${CAPACITY_EXTRA:-}" \
         --compressor results/compressors/smollm2-k96v192-int8 --json $OUT/capacity.json 2>&1 | grep -v -E "slow_operation|Constant folding|^$" ;;
     aebench)  # issue 6: the model's decode step with the fused kernel (kernel=auto) vs decode-then-attend (xla)
       for k in auto xla; do
