@@ -139,12 +139,15 @@ def verify_batch(row: dict, *, limit: int | None, param_bytes: int, mp_bytes: in
 def capacity(cfg, methods, *, memory_gb: float, seq_len: int, batch: int, param_bytes: int = 0,
              reserve_gb: float = 2.0, mparams: dict | None = None, params=None, do_verify: bool = False,
              cpu_verify_batch: int = 2, cpu_verify_seq: int = 64, dense_dtype: str = "float32",
-             bytes_limit: int | None = None) -> dict:
+             bytes_limit: int | None = None, retries: int = 4, backoff: float = 0.85) -> dict:
     """Capacity of each method (a list of method objects) in ``memory_gb`` GiB.
 
     ``mparams`` maps a method's spec to its learned parameters (their bytes leave the budget too).
     With ``do_verify`` (needs ``params``) each plan is run on the device (on CPU at a tiny size), capped by
-    the allocator's limit (``bytes_limit``, default: what device 0 reports; see the module docstring).
+    the allocator's limit (``bytes_limit``, default: what device 0 reports; see the module docstring). A
+    decode step that runs out of memory at that batch (its transient buffers do not fit the reserve) is
+    retried up to ``retries`` times at ``backoff`` x the batch; the largest batch that ran is
+    ``confirmed_batch`` and ``confirmed`` stays false.
     Returns {"budget": ..., "methods": [per-method dict]}.
     """
     mparams = mparams or {}
@@ -178,19 +181,33 @@ def capacity(cfg, methods, *, memory_gb: float, seq_len: int, batch: int, param_
             if b < 1:
                 row["verify"] = {"error": capped or "max_batch is 0: nothing to verify"}
             else:
-                try:
-                    row["verify"] = verify(params, cfg, method, b, s, mp)
-                    ok = (not on_cpu) and row["verify"]["logits_finite"]
-                    row["confirmed"] = ok and capped is None
-                    if ok:
-                        row["confirmed_batch"] = b
-                    if capped:
-                        row["verify"]["note"] = capped
+                failed = []
+                for _ in range(1 + (0 if on_cpu else retries)):
+                    try:
+                        row["verify"] = verify(params, cfg, method, b, s, mp)
+                    except (RuntimeError, MemoryError) as e:  # an out-of-memory on the device: recorded
+                        failed.append({"batch": b, "error": str(e).splitlines()[0][:300]})
+                        row["verify"] = {"batch": b, "seq_len": s, "error": failed[-1]["error"], "failed": failed}
+                        b = int(b * backoff)
+                        if b < 1:
+                            break
+                        continue
                     if row["verify"]["cache_nbytes"] != method.cache_nbytes(cfg, b, s):
                         raise AssertionError(f"{spec}: allocated cache {row['verify']['cache_nbytes']} B "
                                              f"!= method.cache_nbytes(cfg, {b}, {s})")
-                except (RuntimeError, MemoryError) as e:  # an out-of-memory on the device, recorded
-                    row["verify"] = {"batch": b, "seq_len": s, "error": str(e).splitlines()[0][:300]}
+                    ok = (not on_cpu) and row["verify"]["logits_finite"]
+                    row["confirmed"] = ok and capped is None and not failed
+                    if ok:
+                        row["confirmed_batch"] = b
+                    notes = [capped] if capped else []
+                    if failed:
+                        row["verify"]["failed"] = failed
+                        notes.append(f"the decode step ran out of memory at batch {failed[0]['batch']} (its "
+                                     f"transient buffers, e.g. a layer's dequantized K/V, exceed the reserve); "
+                                     f"ran at {b}")
+                    if notes:
+                        row["verify"]["note"] = "; ".join(notes)
+                    break
             if on_cpu and "error" not in row["verify"] and "note" not in row["verify"]:
                 row["verify"]["note"] = "CPU: ran a tiny size to check the code path; capacity not confirmed"
         rows.append(row)
