@@ -231,8 +231,12 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--verify", action="store_true", help="allocate and run decode at the computed size")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="results JSON (a .md table and .png bars are written beside it)")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only write the .md / .png of an existing JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        render(args.render)
+        return None
 
     model = load_model(args.model, args.dtype)
     specs = split_specs(args.methods)
@@ -252,6 +256,7 @@ def main(argv=None):
                 "library": "kvjax", "task": "capacity"})
     if args.json:
         write_json(args.json, res)
+        render(args.json)
     def state(r):
         if r["confirmed"]:
             return f" (confirmed, {r['verify']['decode_tokens_per_s']:,.0f} tok/s)"
@@ -264,6 +269,61 @@ def main(argv=None):
     print(f"[eval.capacity] {res['model']} in {args.memory_gb:g} GiB (params {param_bytes / GIB:.2f} GiB, reserve "
           f"{args.reserve_gb:g} GiB): " + "; ".join(parts))
     return res
+
+
+def markdown(res: dict) -> str:
+    """The capacity table of one run."""
+    gb = res["memory_gb"]
+    lines = [f"# KV capacity of {res.get('model', '?')} in {gb:g} GiB ({res.get('dtype', '')} weights)", "",
+             f"{res['date']}, {res.get('device_count', 1)}x {res.get('device_kind', '?')}, jax {res.get('jax_version', '?')}; "
+             f"parameters {res['param_bytes'] / GIB:.2f} GiB, reserve {res['reserve_gb']:g} GiB"
+             + (f", device allocator limit {res['device_bytes_limit'] / GIB:.2f} GiB" if res.get("device_bytes_limit") else "")
+             + ". max batch: sequences of the given length whose cache fits (exact bytes); confirmed = the cache was "
+             "allocated on the device and decode steps ran at that batch.", "",
+             f"| method | KV bytes/token | max batch @ {res['seq_len']} | ran on device at batch | decode tok/s there | "
+             f"max tokens @ batch {res['batch']} | note |", "|---|---:|---:|---:|---:|---:|---|"]
+    for r in res["methods"]:
+        v = r.get("verify", {})
+        ran = r.get("confirmed_batch", "")
+        tps = f"{v['decode_tokens_per_s']:,.0f}" if "decode_tokens_per_s" in v else ""
+        note = "confirmed at max batch" if r["confirmed"] else (v.get("note") or v.get("error") or "computed only")
+        lines.append(f"| {r['method']} | {r['kv_bytes_per_token']:g} | {r['max_batch']} | {ran} | {tps} | "
+                     f"{r['max_seq_len']:,} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path) -> None:
+    """Bars of max batch (computed) and the batch that ran on the device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["methods"]
+    labels = [r["method"].replace(",dtype=bfloat16", "").replace("dtype=bfloat16", "bf16")[:28] for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar([i - 0.2 for i in x], [r["max_batch"] for r in rows], 0.4, label="computed max batch", color="tab:gray")
+    ax.bar([i + 0.2 for i in x], [r.get("confirmed_batch", 0) for r in rows], 0.4, label="ran on the device",
+           color="tab:green")
+    ax.set_xticks(list(x), labels, rotation=25, ha="right", fontsize=7)
+    ax.set_ylabel(f"sequences of {res['seq_len']} tokens")
+    ax.set_title(f"KV capacity in {res['memory_gb']:g} GiB, {res.get('device_kind', '')} ({res['date'][:10]})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(json_path) -> None:
+    """Writes the .md table and .png bars beside a capacity JSON."""
+    import json
+    import pathlib
+
+    p = pathlib.Path(json_path)
+    res = json.loads(p.read_text())
+    p.with_suffix(".md").write_text(markdown(res))
+    plot(res, p.with_suffix(".png"))
 
 
 def split_specs(text: str) -> list[str]:
