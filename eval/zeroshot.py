@@ -132,6 +132,12 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     return logprob, n_scored, greedy
 
 
+def mean_request_tokens(reqs) -> int:
+    """Mean tokens cached per request (context + continuation): the length at which zero-shot KV bytes are
+    counted, so that methods with fixed-size parts (KIVI's full-precision window) are charged for them."""
+    return max(1, round(sum(len(c) + len(x) for c, x in reqs) / max(len(reqs), 1)))
+
+
 def build_requests(tokenizer, items) -> tuple[list[tuple[list[int], list[int]]], list[tuple[int, int]]]:
     """Token requests for ``items`` and, per item, the (start, count) of its requests in that list."""
     reqs, spans = [], []
@@ -184,7 +190,8 @@ def evaluate(model, items, method=None, mparams=None, *, batch: int = 16, bucket
         "acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else None,
         "acc_norm": None if partial else correct_norm / n, "n": n, "requests": len(reqs),
         "scored_tokens": int(n_scored.sum()), "predictions": preds, "batch": Batcher(batch, devices).batch,
-        "bucket": bucket, **kv_record(method, m.cfg, m.dtype), **m.record(), **device_record(),
+        "bucket": bucket, **kv_record(method, m.cfg, m.dtype, context=mean_request_tokens(reqs)), **m.record(),
+        **device_record(),
         "wall_s": time.perf_counter() - t0, "date": now(),
     }
 

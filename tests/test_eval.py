@@ -212,6 +212,12 @@ def test_zeroshot_hand_constructed_answer():
     space = tok.encode(" ")[0]
     np.testing.assert_allclose(ll, [logp[space] + 3 * logp[a], logp[space] + 3 * logp[b]], rtol=1e-5)
     assert evaluate(m, [data.MultipleChoice("Pick one:", ("bbb", "aaa"), 0, " ")])["acc"] == 0.0
+    # KV bytes are counted at the mean request length: a full-precision window longer than every request
+    # (KIVI residual 64, requests of 13 tokens) saves nothing there
+    from kvjax.cache.kivi import Kivi
+
+    kivi = evaluate(m, [item], method=Kivi(bits=4, residual=64, group=8, value_group=8, residual_dtype="float32"))
+    assert kivi["kv_bytes_at_context"] == len("Pick one:") + len(" aaa") == 13 and kivi["kv_saved"] <= 0
 
 
 def test_partial_scoring_scores_only_the_continuation():
