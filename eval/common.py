@@ -137,12 +137,24 @@ def load_model(name: str, dtype: str):
     return load(name, dtype=dtype)
 
 
-def load_method(spec: str, compressor: str | None, model):
-    """Returns (method, mparams, spec string): a trained compressor wins over ``--method``."""
+def load_method(spec: str, compressor: str | None, model, settings: dict | None = None):
+    """Returns (method, mparams, spec string): a trained compressor wins over ``--method``. ``settings``
+    override a compressor's storage settings (e.g. ``{"latent_dtype": "int4", "latent_group": 32}``: the same
+    coders with int4 latents)."""
     if compressor:
+        import dataclasses
+
         from kvjax.compressors import load_compressor  # lazy: heavy (orbax)
         method, mparams = load_compressor(compressor, model)
+        if settings:
+            try:
+                method = dataclasses.replace(method, **settings)
+            except TypeError as e:
+                raise ValueError(f"{compressor}: settings {settings} do not apply to {type(method).__name__}: {e}") from None
+            method.validate(model.cfg, mparams)
         return method, mparams, method_spec(method)
+    if settings:
+        raise ValueError(f"settings {settings} need a compressor")
     from kvjax.cache.registry import parse_method
     return parse_method(spec), None, spec
 

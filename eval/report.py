@@ -4,7 +4,8 @@ The grid is a JSON file::
 
     {
       "model": "smollm2-135m", "dtype": "float32",
-      "methods": ["dense", "dense:dtype=bfloat16", {"compressor": "ckpt/ae32", "label": "ae32"}],
+      "methods": ["dense", "dense:dtype=bfloat16", {"compressor": "ckpt/ae32", "label": "ae32"},
+                  {"compressor": "ckpt/ae32", "settings": {"latent_dtype": "int4"}, "label": "ae32 int4"}],
       "tasks": [
         {"task": "perplexity", "dataset": "wikitext2", "context": 512, "protocol": "continue", "prefix": 384},
         {"task": "zeroshot", "name": "piqa", "limit": 500},
@@ -100,7 +101,8 @@ class _Runner:
 
     def method(self, entry: dict):
         from eval.common import load_method
-        return load_method(entry.get("method", "dense"), entry.get("compressor"), self.get_model())
+        return load_method(entry.get("method", "dense"), entry.get("compressor"), self.get_model(),
+                           entry.get("settings"))
 
     def run(self, method_entry: dict, task: dict) -> dict:
         from eval import data

@@ -395,6 +395,27 @@ def test_composed_method_saves_and_loads_as_a_compressor(tmp_path):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), mp, mp2)
 
 
+def test_plain_reuse_saves_without_parameters(tmp_path):
+    """A method with no learned parameters (plain reuse) saves as a compressor and loads back equal; an
+    autoencoder's settings can be overridden at load time (eval's ``settings``)."""
+    from kvjax.cache.autoencoder import Autoencoder
+    from kvjax.compressors import save_compressor
+    from eval.common import load_method
+
+    model = tiny_model()
+    m = Reuse(plan=((1, 0), (2, 1)))
+    path = save_compressor(str(tmp_path / "plain"), m, {}, model)
+    assert not (tmp_path / "plain" / "params").exists()
+    m2, mp2, spec = load_method("dense", path, model)
+    assert m2 == m and mp2 == {}
+    ae = save_compressor(str(tmp_path / "ae"), Autoencoder(latent=6, latent_dtype="int8"), ae_mparams(model.cfg, 6),
+                         model)
+    m4, _, spec4 = load_method("dense", ae, model, {"latent_dtype": "int4", "latent_group": 2})
+    assert m4.latent_dtype == "int4" and "int4" in spec4
+    with pytest.raises(ValueError, match="do not apply"):
+        load_method("dense", ae, model, {"no_such_setting": 1})
+
+
 def test_fitted_latent_decoders_recover_an_invertible_map():
     """Identical layers, full-width random (invertible) encoders, layer 0 decoded exactly: the least-squares
     decoders of the reused layers map layer 0's latent back to their K/V, so the result is the dense one."""

@@ -259,6 +259,42 @@ def cmd_curve(args):
     print("\n".join(lines))
 
 
+def cmd_compose(args):
+    """Saves a Reuse method as a compressor directory (``--compressor`` for eval.perplexity / zeroshot /
+    capacity / report): plain reuse of the N most similar heads, or a trained autoencoder with whole layers
+    reused (latent mode: the reusing layers' decoders fitted by least squares on wiki.valid)."""
+    from kvjax.cache.reuse import Reuse
+    from kvjax.compressors import load_compressor, save_compressor
+    from kvjax.reuse import check_identity, collect_kv, fit_latent_decoders, make_layer_plan, make_plan
+    from train.autoencoder import windows_from_ids
+    from train.data import training_text
+
+    with open(args.similarity) as f:
+        sim = json.load(f)
+    model = _load_model(args.model)
+    check_identity(args.similarity, sim.get("model", {}), model)
+    training = {"similarity": os.path.abspath(args.similarity), "metric": args.metric, "mode": args.mode}
+    if args.compressor is None:
+        if args.heads is None:
+            raise SystemExit("--heads N: the number of heads plain reuse takes from the layer below")
+        method, mp = Reuse(plan=make_plan(sim, n_heads=args.heads, metric=args.metric), dtype=args.dtype), {}
+        training["heads"] = args.heads
+    else:
+        if args.layers is None:
+            raise SystemExit("--layers N: the number of whole layers reused with --compressor")
+        ae, mp = load_compressor(args.compressor, model)
+        method = Reuse(plan=make_layer_plan(sim, args.layers, args.metric, ae.compressed_layers(model.cfg)), inner=ae,
+                       mode=args.mode)
+        training.update(compressor=os.path.abspath(args.compressor), layers=args.layers)
+        if args.mode == "latent" and args.layers:
+            text, _ = training_text(None, args.data_dir)
+            calib = windows_from_ids(np.asarray(model.tokenizer.encode(text), np.int32), args.context)[: args.calib_windows]
+            mp = fit_latent_decoders(model, method, mp, calib, kv=collect_kv(model, calib, pre_rope=ae.pre_rope))
+            training.update(calib_windows=args.calib_windows, context=args.context)
+    path = save_compressor(args.out, method, mp, model, training=training)
+    print(f"[train.reuse] {len(method.plan)} reused heads -> {path}")
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -310,6 +346,20 @@ def main(argv=None):
     c.add_argument("--data-dir", default=None)
     c.add_argument("--out", required=True)
     c.set_defaults(fn=cmd_curve)
+    k = sub.add_parser("compose", help="save a reuse method (plain, or over a trained autoencoder) as a compressor")
+    k.add_argument("--similarity", required=True, help="similarity.json written by analyze")
+    k.add_argument("--model", default="smollm2-135m")
+    k.add_argument("--metric", default="cosine", choices=["l1", "l1_rel", "cosine"])
+    k.add_argument("--heads", type=int, default=None, help="plain reuse: the N most similar heads")
+    k.add_argument("--compressor", default=None, help="trained autoencoder whose whole layers are reused")
+    k.add_argument("--layers", type=int, default=None, help="with --compressor: the N most similar layers")
+    k.add_argument("--mode", default="latent", choices=["latent", "decoded"])
+    k.add_argument("--dtype", default="float32", help="plain reuse: storage dtype of the stored heads")
+    k.add_argument("--calib-windows", type=int, default=8)
+    k.add_argument("--context", type=int, default=512)
+    k.add_argument("--data-dir", default=None)
+    k.add_argument("--out", required=True, help="compressor directory to write")
+    k.set_defaults(fn=cmd_compose)
     args = ap.parse_args(argv)
     if getattr(args, "windows", 1) <= 0:
         ap.error("--windows must be positive")

@@ -29,7 +29,8 @@ for step in "$@"; do
       timeout ${CAPACITY_S:-420} python3 -m eval.capacity --model smollm2-135m --dtype bfloat16 \
         --memory-gb ${CAPACITY_GIB:-74.5} --reserve-gb ${RESERVE_GB:-4} --seq-len 4096 --batch 64 --verify \
         --methods "dense:dtype=bfloat16;quantized:bits=8,dtype=bfloat16;kivi:bits=4,residual=32,dtype=bfloat16;quantized:bits=4,group=32,dtype=bfloat16${CAPACITY_EXTRA:-}" \
-        --compressor results/compressors/smollm2-k96v192-int8 --json $OUT/capacity.json 2>&1 | grep -v -E "slow_operation|Constant folding|^$" ;;
+        --compressor results/compressors/smollm2-k96v192-int8 ${CAPACITY_COMPRESSORS:-} --json $OUT/capacity.json 2>&1 \
+        | grep -v -E "slow_operation|Constant folding|bfc_allocator|caller indicates|rematerialization|fragmentation|Current allocation|^$" ;;
     aebench)  # issue 6: the model's decode step with the fused kernel (kernel=auto) vs decode-then-attend (xla)
       for k in auto xla; do
         python3 -m bench.model_bench --dtype bfloat16 --compressor results/compressors/smollm2-k96v192-int8 --kernel $k \
@@ -64,6 +65,12 @@ for step in "$@"; do
       for k in ${DENSE_KERNELS:-pallas xla}; do
         python3 -m bench.model_bench --random-weights --method dense:kernel=$k --reps 5 --batches ${MB_BATCHES:-16,64,256} \
           --contexts ${MB_CONTEXTS:-512,2048} --prefill-chunk 512 --out $OUT/mb_dense_$k 2>&1 | grep -E "^\|" ; done ;;
+    reusecompose)  # issues 4/5: the reuse compositions of the grid as compressor folders under runs/ (not committed)
+      export PYTHONPATH=/tmp/site:$PWD
+      S=results/smollm2/reuse/similarity/similarity.json; C=results/compressors/smollm2-k96v192-int8
+      for L in 1 2; do python3 -m train.reuse compose --similarity $S --compressor $C --layers $L --out runs/reuse/k96v192-int8-latent-L$L 2>&1 | tail -1; done
+      python3 -m train.reuse compose --similarity $S --heads 3 --out runs/reuse/plain-3heads 2>&1 | tail -1
+      python3 -m train.reuse compose --similarity $S --heads 3 --dtype bfloat16 --out runs/reuse/plain-3heads-bf16 2>&1 | tail -1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

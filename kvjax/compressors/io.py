@@ -44,11 +44,13 @@ def save_compressor(path: str, method, mparams, model, training: dict | None = N
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), mparams)
-        ck = _checkpointer()
-        ck.save(os.path.join(tmp, "params"), params)
-        ck.wait_until_finished()
+        has_params = bool(jax.tree_util.tree_leaves(params))
+        if has_params:  # a method without learned parameters (plain reuse) writes none
+            ck = _checkpointer()
+            ck.save(os.path.join(tmp, "params"), params)
+            ck.wait_until_finished()
         meta = {"format": FORMAT, "method": method_to_json(method),
-                "model": model_identity(model), "training": training or {}}
+                "model": model_identity(model), "training": training or {}, "has_params": has_params}
         with open(os.path.join(tmp, "compressor.json"), "w") as f:
             json.dump(meta, f, indent=2)
         old = path + ".old"
@@ -128,6 +130,9 @@ def load_compressor(path: str, model, dtype: str | None = None, check_hash: bool
         raise CompressorError(f"{path}: trained for model weights sha256 {want['sha256'][:12]}…, but "
                               f"{model.source} has sha256 {have['sha256'][:12]}…")
     method = method_from_json(meta["method"], dtype)
+    if not meta.get("has_params", True):
+        method.validate(model.cfg, {})
+        return method, {}
     try:
         params = _restore_here(os.path.join(path, "params"))
     except Exception as e:  # orbax raises many types for damaged directories
