@@ -71,6 +71,17 @@ for step in "$@"; do
       for L in 1 2; do python3 -m train.reuse compose --similarity $S --compressor $C --layers $L --out runs/reuse/k96v192-int8-latent-L$L 2>&1 | tail -1; done
       python3 -m train.reuse compose --similarity $S --heads 3 --out runs/reuse/plain-3heads 2>&1 | tail -1
       python3 -m train.reuse compose --similarity $S --heads 3 --dtype bfloat16 --out runs/reuse/plain-3heads-bf16 2>&1 | tail -1 ;;
+    reuseft)  # issue 5: fine-tuning after reuse (CE + scaled L1, coders trained, model frozen) vs the same steps without reuse
+      export PYTHONPATH=/tmp/site:$PWD
+      S=results/smollm2/reuse/similarity/similarity.json; C=results/compressors/smollm2-k96v192-int8
+      python3 -m train.reuse plan --similarity $S --whole-layers 1 --metric cosine --out runs/reuse/plan-L1.json
+      for run in "latent-L1 --reuse-plan runs/reuse/plan-L1.json --reuse-mode latent" "control"; do
+        set -- $run; name=$1; shift
+        python3 -m train.autoencoder --latent 96 --latent-v 192 --latent-dtype int8 --save-dtype float16 --steps2 ${FT_STEPS:-400} \
+          --init-from $C "$@" --out runs/reuse/ft-$name 2>&1 | grep -v -E "it/s\]|slow_operation" | tail -2
+        for ds in wikitext2 c4; do
+          python3 -m eval.perplexity --compressor runs/reuse/ft-$name/compressor --dataset $ds --batch 64 \
+            --json $OUT/ft-$name-$ds.json --no-progress 2>&1 | tail -1; done; done ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
