@@ -26,8 +26,8 @@ class Dense(CacheMethod):
     vs 2.98 ms; B=256 x 512 3.29 vs 3.79 ms.
     ``kernel`` picks one-token decode attention: "xla" (einsum - softmax - einsum), "pallas" (head-major:
     kvjax's split-K kernel ``pallas_kernels.decode_attention``; "bskd": jax's own Pallas decode kernel), or
-    "auto" (default: "pallas" on a GPU with the head-major layout and a power-of-two head_dim >= 16, "xla"
-    otherwise). Prefill always runs in XLA. Measured on the H100 (results/model_bench/dense_kernel_*), SmolLM2
+    "auto" (default: "pallas" on a single GPU with the head-major layout and a power-of-two head_dim >= 16,
+    "xla" otherwise, including several devices, whose batch sharding a pallas_call would undo). Prefill always runs in XLA. Measured on the H100 (results/model_bench/dense_kernel_*), SmolLM2
     bf16, decode loop at B=64 x 2048: 2.18 ms/token with the kernel vs 2.59 ms with XLA.
     """
 
@@ -84,7 +84,10 @@ class Dense(CacheMethod):
             return self.kernel
         d = cfg.head_dim
         fits = self.layout == "bksd" and d >= 16 and d & (d - 1) == 0  # the kernel's shape limits
-        return "pallas" if fits and jax.default_backend() == "gpu" else "xla"
+        # XLA's SPMD partitioner does not split a pallas_call: with several devices it would gather the
+        # batch-sharded cache onto every device, so the sharded XLA path stays the default there
+        one_device = jax.device_count() == 1
+        return "pallas" if fits and one_device and jax.default_backend() == "gpu" else "xla"
 
     def layer_bytes_per_token(self, cfg, layer):
         return 2 * cfg.kv_width * jnp.dtype(self.dtype).itemsize
