@@ -189,8 +189,10 @@ def run_grid(grid: dict, out_dir, model=None, data_dir=None, progress: bool = Fa
     external = []
     for f in grid.get("external", []):
         external.extend(load_external(f))
+    measured = sorted({c["device_kind"] for c in cells if c.get("device_kind")})
     results = {"grid": grid, "model": model_name, "dtype": dtype, "date": now(), **device_record(),
-               "cells": cells, "external": external, "ran": ran, "reused": reused, "failed": failed}
+               "cells_measured_on": measured, "cells": cells, "external": external, "ran": ran,
+               "reused": reused, "failed": failed}
     write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown(results, tasks))
     results["plots"] = [str(p) for p in plot(results, tasks, out)]
@@ -259,8 +261,9 @@ def _task_rows(results: dict, task: dict) -> list[dict]:
 
 def markdown(results: dict, tasks: list[dict]) -> str:
     lines = [f"# kvjax evaluation: {results['model']} ({results['dtype']})", "",
-             f"Date {results['date']}; device {results['device_count']}x {results['device_kind']} "
-             f"({results['platform']}, jax {results['jax_version']}).", ""]
+             f"Date {results['date']}; rendered on {results['device_count']}x {results['device_kind']} "
+             f"({results['platform']}, jax {results['jax_version']}); kvjax cells measured on "
+             f"{', '.join(results.get('cells_measured_on') or ['?'])} (each cell JSON records its device and date).", ""]
     for task in tasks:
         rows = _task_rows(results, task)
         kind = task["task"]
@@ -321,7 +324,7 @@ def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Pa
     import matplotlib.pyplot as plt
 
     written = []
-    stamp = f"{results['model']} · {results['device_kind']} · {results['date'][:10]}"
+    stamp = f"{results['model']} · {', '.join(results.get('cells_measured_on') or [results['device_kind']])} · {results['date'][:10]}"
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     for task in tasks:
         if task["task"] != "perplexity":
