@@ -416,6 +416,32 @@ def test_plain_reuse_saves_without_parameters(tmp_path):
         load_method("dense", ae, model, {"no_such_setting": 1})
 
 
+def test_refinement_by_measured_cost_overrides_the_similarity_ranking():
+    """Identical layers except head 0 of layer 2 (its K/V projection perturbed): the similarity table ranks
+    (2, 0) first, but reusing it costs perplexity while (2, 1) is free; refinement keeps (2, 1)."""
+    from train.reuse import refine_plan
+
+    model = tiny_model()
+    cfg = model.cfg
+    params = identical_layers(cfg, model.params)
+    d = cfg.head_dim
+    layers = list(params["layers"])
+    bump = jax.random.normal(jax.random.PRNGKey(3), layers[2]["wk"][:, :d].shape)
+    layers[2] = {**layers[2], "wk": layers[2]["wk"].at[:, :d].add(bump), "wv": layers[2]["wv"].at[:, :d].add(bump)}
+    model = dataclasses.replace(model, params={**params, "layers": layers})
+    sim = {"layers": [1, 2], "n_layers": 3, "n_kv_heads": 2, "head_dim": d, "tokens": 10,
+           "k_cos": [[0.5, 0.5], [0.99, 0.9]], "v_cos": [[0.5, 0.5], [0.99, 0.9]]}
+    assert make_plan(sim, n_heads=1, metric="cosine") == ((2, 0),)
+    from kvjax.generate import generate
+
+    # the model's own greedy text: changing its computation makes that text less likely (in practice)
+    ids = [5, 6, 7] + list(np.asarray(generate(model.params, cfg, [[5, 6, 7]], max_new_tokens=61, stop_tokens=()).tokens[0]))
+    costs, plan = refine_plan(model, sim, 1, ids, candidates=2, context=32, batch=2, log=lambda *_: None)
+    assert plan == ((2, 1),)
+    by_head = {(c["layer"], c["head"]): c["cost"] for c in costs}
+    assert abs(by_head[(2, 1)]) < 1e-5 and by_head[(2, 0)] > 1e-3
+
+
 def test_fitted_latent_decoders_recover_an_invertible_map():
     """Identical layers, full-width random (invertible) encoders, layer 0 decoded exactly: the least-squares
     decoders of the reused layers map layer 0's latent back to their K/V, so the result is the dense one."""

@@ -88,6 +88,32 @@ def cmd_analyze(args):
           f"{sim['n_kv_heads']} kv heads; wrote {args.out}/similarity.json and heatmaps")
 
 
+def refine_plan(model, sim: dict, n_heads: int, ids, *, metric: str = "cosine", candidates: int | None = None,
+                context: int = 512, batch: int = 8, inner=None, mparams=None, log=print) -> tuple[list, tuple]:
+    """Measured-cost refinement of a plain reuse plan: the ``candidates`` (default 2 x n_heads) most similar
+    heads by ``metric`` are each reused alone and scored by perplexity over ``ids`` (calibration text, never
+    the evaluation split); the ``n_heads`` cheapest are the plan. Returns (per-candidate costs, plan)."""
+    from eval.perplexity import perplexity
+    from kvjax.cache.reuse import Reuse
+    from kvjax.reuse import head_scores
+
+    scores = head_scores(sim, metric)
+    n_cand = min(len(scores), candidates or 2 * n_heads)
+    if not 0 <= n_heads <= n_cand:
+        raise ValueError(f"cannot pick {n_heads} heads from {n_cand} candidates")
+    pool = sorted(scores, key=lambda p: (scores[p], p))[:n_cand]
+    kw = dict(context=context, batch=batch)
+    base = perplexity(model, ids, inner, mparams, **kw)["ppl"]
+    costs = []
+    for i, head in enumerate(pool):
+        ppl = perplexity(model, ids, Reuse(plan=(head,), inner=inner), mparams, **kw)["ppl"]
+        costs.append({"layer": head[0], "head": head[1], "similarity_score": scores[head], "ppl": ppl,
+                      "cost": ppl / base - 1})
+        log(f"[train.reuse] candidate {i + 1}/{len(pool)} {head}: ppl {ppl:.3f} ({100 * costs[-1]['cost']:+.2f}%)")
+    ranked = sorted(costs, key=lambda c: (c["cost"], c["layer"], c["head"]))
+    return costs, tuple(sorted((c["layer"], c["head"]) for c in ranked[:n_heads]))
+
+
 def cmd_plan(args):
     from kvjax.cache.reuse import Reuse
     from kvjax.reuse import check_identity, make_layer_plan, make_plan, save_plan
@@ -96,12 +122,23 @@ def cmd_plan(args):
         sim = json.load(f)
     model = _load_model(args.model)
     check_identity(args.similarity, sim.get("model", {}), model)
+    how = {"similarity": os.path.abspath(args.similarity), "metric": args.metric, "threshold": args.threshold,
+           "heads": args.heads, "share": args.share, "whole_layers": args.whole_layers}
     if args.whole_layers is not None:
         plan = make_layer_plan(sim, args.whole_layers, args.metric)
     else:
         plan = make_plan(sim, threshold=args.threshold, n_heads=args.heads, share=args.share, metric=args.metric)
-    how = {"similarity": os.path.abspath(args.similarity), "metric": args.metric, "threshold": args.threshold,
-           "heads": args.heads, "share": args.share, "whole_layers": args.whole_layers}
+    if args.refine:
+        if args.whole_layers is not None:
+            raise SystemExit("--refine ranks single heads: not with --whole-layers")
+        from eval.common import encode_no_bos
+        from train.data import training_text
+
+        text, source = training_text(args.data, args.data_dir)
+        ids = encode_no_bos(model.tokenizer, text)[: args.refine_windows * args.context]
+        costs, plan = refine_plan(model, sim, len(plan), ids, metric=args.metric, candidates=args.refine_candidates,
+                                  context=args.context)
+        how.update(refined_on=source, refine_tokens=len(ids), candidate_costs=costs)
     save_plan(args.out, plan, model, info=how)
     cfg = model.cfg
     saved = 1 - Reuse(plan=plan).bytes_per_token(cfg) / Reuse().bytes_per_token(cfg)
@@ -275,10 +312,17 @@ def cmd_compose(args):
     check_identity(args.similarity, sim.get("model", {}), model)
     training = {"similarity": os.path.abspath(args.similarity), "metric": args.metric, "mode": args.mode}
     if args.compressor is None:
-        if args.heads is None:
-            raise SystemExit("--heads N: the number of heads plain reuse takes from the layer below")
-        method, mp = Reuse(plan=make_plan(sim, n_heads=args.heads, metric=args.metric), dtype=args.dtype), {}
-        training["heads"] = args.heads
+        if args.plan:
+            from kvjax.reuse import load_plan
+
+            plan = load_plan(args.plan, model)
+            training["plan_file"] = os.path.abspath(args.plan)
+        elif args.heads is not None:
+            plan = make_plan(sim, n_heads=args.heads, metric=args.metric)
+            training["heads"] = args.heads
+        else:
+            raise SystemExit("plain reuse needs --heads N (the most similar heads) or --plan FILE (train.reuse plan)")
+        method, mp = Reuse(plan=plan, dtype=args.dtype), {}
     else:
         if args.layers is None:
             raise SystemExit("--layers N: the number of whole layers reused with --compressor")
@@ -321,6 +365,14 @@ def main(argv=None):
     how.add_argument("--whole-layers", type=int,
                      help="reuse every head of the N most similar layers (for an autoencoder: latents mix heads)")
     p.add_argument("--metric", default="l1", choices=["l1", "l1_rel", "cosine"])
+    p.add_argument("--refine", action="store_true",
+                   help="measure each candidate head's perplexity cost alone on calibration text (wiki.valid) "
+                        "and keep the cheapest, as many as the threshold/target chose")
+    p.add_argument("--refine-candidates", type=int, default=None, help="candidates to measure (default 2 x heads)")
+    p.add_argument("--refine-windows", type=int, default=4, help="calibration windows of --context tokens")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--data", default=None, help="calibration text file (default: WikiText-2 wiki.valid.raw)")
+    p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="plan file (JSON)")
     p.set_defaults(fn=cmd_plan)
     c = sub.add_parser("curve", help="perplexity vs reused heads (plain, and composed with an autoencoder)")
@@ -351,6 +403,7 @@ def main(argv=None):
     k.add_argument("--model", default="smollm2-135m")
     k.add_argument("--metric", default="cosine", choices=["l1", "l1_rel", "cosine"])
     k.add_argument("--heads", type=int, default=None, help="plain reuse: the N most similar heads")
+    k.add_argument("--plan", default=None, help="plain reuse: a plan file from `train.reuse plan` (e.g. --refine)")
     k.add_argument("--compressor", default=None, help="trained autoencoder whose whole layers are reused")
     k.add_argument("--layers", type=int, default=None, help="with --compressor: the N most similar layers")
     k.add_argument("--mode", default="latent", choices=["latent", "decoded"])
