@@ -4,7 +4,10 @@
 ``--set ae-int4 --name kvcar_int4`` stores the committed KV-CAR compressors' latents in int4.
 ``--set issue7 --name kivi_minicache`` runs the KIVI and MiniCache settings instead (MiniCache through the
 ``decode`` protocol, one token per step, with a dense decode row beside it); bytes per token are those of
-a cache of one window (``cache_nbytes(cfg, 1, 512) / 512``: KIVI's full-precision ring included)."""
+a cache of one window (``cache_nbytes(cfg, 1, 512) / 512``: KIVI's full-precision ring included).
+``--plot`` only draws ``pareto_<dataset>.png`` from every JSON already in ``--out`` (all sets on one plot per
+dataset: KV saved vs bf16 against perplexity, the Pareto front marked, MiniCache's decode-protocol rows
+included beside a dense row that equals the full-protocol one)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,58 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def pareto(points):
+    """Indices of the points (saved, ppl) no other point beats in both (more saved and lower ppl)."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot(out: str) -> list[str]:
+    """pareto_<dataset>.png from every ``*.json`` of ``out`` written by this script."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for f in sorted(pathlib.Path(out).glob("*.json")):
+        d = json.loads(f.read_text())
+        if isinstance(d, dict) and isinstance(d.get("rows"), list):
+            rows += [dict(r, source=f.stem) for r in d["rows"] if "ppl" in r and "kv_saved_vs_bf16" in r]
+    written = []
+    for ds in sorted({r["dataset"] for r in rows}):
+        pts = {}
+        for r in rows:
+            if r["dataset"] == ds:
+                pts.setdefault(r["method"], r)  # the same row repeated across sets: drawn once
+        items = list(pts.values())
+        xy = [(100 * r["kv_saved_vs_bf16"], r["ppl"]) for r in items]
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for (x, y), r in zip(xy, items):
+            ax.scatter(x, y, s=22, color="tab:red" if "minicache" in r["method"] else "tab:blue")
+            ax.annotate(r["method"][:40], (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        front = pareto(xy)
+        fx = sorted((xy[i] for i in front))
+        ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front")
+        ax.set_yscale("log")
+        ax.set_xlabel("KV memory saved vs a bf16 dense cache (%)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"{ds}, first 8 windows of 512 (CPU slice); red: MiniCache (decode protocol)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = os.path.join(out, f"pareto_{ds}.png")
+        fig.savefig(name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.cpu_slice")
     ap.add_argument("--windows", type=int, default=8)
@@ -26,7 +81,12 @@ def main(argv=None):
     ap.add_argument("--set", default="base", choices=["base", "issue7", "ae-int4"], help="which methods")
     ap.add_argument("--name", default="cpu_slice", help="stem of the JSON / markdown files written")
     ap.add_argument("--only", default=None, help="comma-separated labels of the set to run (default all)")
+    ap.add_argument("--plot", action="store_true", help="only draw pareto_<dataset>.png from the JSONs in --out")
     args = ap.parse_args(argv)
+    if args.plot:
+        for name in plot(args.out):
+            print(name)
+        return
 
     import jax
     import kvjax
