@@ -22,23 +22,14 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def pareto(points):
-    """Indices of the points (saved, ppl) no other point beats in both (more saved and lower ppl)."""
-    order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
-    front, best = [], float("inf")
-    for i in order:
-        if points[i][1] < best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
 def plot(out: str) -> list[str]:
     """pareto_<dataset>.png from every ``*.json`` of ``out`` written by this script."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from eval.report import pareto_front
 
     rows = []
     for f in sorted(pathlib.Path(out).glob("*.json")):
@@ -57,8 +48,7 @@ def plot(out: str) -> list[str]:
         for (x, y), r in zip(xy, items):
             ax.scatter(x, y, s=22, color="tab:red" if "minicache" in r["method"] else "tab:blue")
             ax.annotate(r["method"][:40], (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        front = pareto(xy)
-        fx = sorted((xy[i] for i in front))
+        fx = [xy[i] for i in pareto_front(xy)]
         ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front")
         ax.set_yscale("log")
         ax.set_xlabel("KV memory saved vs a bf16 dense cache (%)")

@@ -444,8 +444,8 @@ def test_perplexity_cli_smollm2_end_to_end(tmp_path):
     assert 5 < res["ppl"] < 100 and res["kv_saved"] == 0.0
 
 
-def test_cpu_slice_pareto_front():
-    from bench.cpu_slice import pareto
+def test_pareto_front_drops_dominated_points():
+    from eval.report import pareto_front
 
     pts = [(0.0, 30.0), (50.0, 29.0), (60.0, 35.0), (70.0, 31.0), (70.0, 40.0), (80.0, 50.0)]
-    assert sorted(pareto(pts)) == [1, 3, 5]  # (0, 30) is beaten by (50, 29); (60, 35) by (70, 31)
+    assert sorted(pareto_front(pts)) == [1, 3, 5]  # (0, 30) is beaten by (50, 29); (60, 35) by (70, 31)
