@@ -9,28 +9,13 @@ implementation:
 
 from __future__ import annotations
 
-import math
-
-import jax
-import jax.numpy as jnp
-
 from pallas_kernels.decode_attention.config import DecodeConfig
-from pallas_kernels.decompress_attention.api import Implementation, _precision, _resolve
+from pallas_kernels.decompress_attention.api import Implementation, _gqa_xla_jit, _resolve
 
 
-@jax.jit
 def decode_attend_xla(q, k, v, lengths):
-    b, h, d = q.shape
-    kvh = k.shape[1]
-    qg = q.reshape(b, kvh, h // kvh, d)
-    prec = _precision(q.dtype)
-    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32,
-                        precision=prec) * (1.0 / math.sqrt(d))
-    valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]
-    p = jax.nn.softmax(jnp.where(valid[:, None, None, :], scores, -jnp.inf), axis=-1)
-    out = jnp.einsum("bkgs,bksd->bkgd", p.astype(q.dtype), v.astype(q.dtype), preferred_element_type=jnp.float32,
-                     precision=prec)
-    return out.reshape(b, h, d).astype(q.dtype)
+    """einsum - masked softmax - einsum over the head-major cache (``decompress_attention``'s XLA path)."""
+    return _gqa_xla_jit(q, k, v.astype(q.dtype), lengths, layout="bksd")
 
 
 def decode_attend(q, k, v, lengths, *, implementation: Implementation | None = None,

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.decode_attention.config import DecodeConfig, default_config
 from pallas_kernels.decompress_attention.config import next_pow2
-from pallas_kernels.decompress_attention.pallas_triton import _NEG_INIT, _mm, _mm_t, _triton
+from pallas_kernels.decompress_attention.pallas_triton import _NEG_INIT, _mm, _mm_t, _triton, combine_splits
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, block_s: int, split_len: int, g: int, rows: int):
@@ -116,9 +116,6 @@ def decode_attend(q, k, v, lengths, *, config: DecodeConfig | None = None, inter
     )(lengths.astype(jnp.int32), q, k, v)
     if n_splits == 1:
         return res
-    o, m, l = res
-    # log-sum-exp over the splits; only the G real query rows
-    o, m, l = o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]
-    w = jnp.exp(m - m.max(axis=2, keepdims=True))  # [B, K, NS, G]
-    out = (o * w[..., None]).sum(axis=2) / (l * w).sum(axis=2)[..., None]
+    o, m, l = res  # only the G real query rows are combined
+    out = combine_splits(o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g])
     return out.reshape(bsz, n_heads, d).astype(q.dtype)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import unittest
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,8 @@ import numpy as np
 from pallas_kernels.decode_attention import api, reference
 from pallas_kernels.decode_attention.config import DecodeConfig, default_config
 from pallas_kernels.decompress_attention.api import on_gpu
-from pallas_kernels.decompress_attention.test_decompress_attention import TOL, _assert_close
+from pallas_kernels.decompress_attention.test_decompress_attention import (TOL, _add_case_tests, _assert_close,
+                                                                          _seed, case_lengths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,21 +47,10 @@ def make_inputs(case: Case, seed: int):
     q = jnp.asarray(rng.standard_normal((case.b, case.k * case.g, case.d)), jnp.float32).astype(case.dtype)
     k = jnp.asarray(rng.standard_normal((case.b, case.k, case.s, case.d)), jnp.float32).astype(case.dtype)
     v = jnp.asarray(rng.standard_normal((case.b, case.k, case.s, case.d)), jnp.float32).astype(case.dtype)
-    if case.lengths is not None:
-        lengths = np.asarray(case.lengths, np.int32)
-    else:
-        lengths = rng.integers(1, case.s + 1, case.b).astype(np.int32)
-        lengths[0] = case.s
-        if case.b > 1:
-            lengths[-1] = 1
-    return q, k, v, jnp.asarray(lengths)
+    return q, k, v, jnp.asarray(case_lengths(rng, case.b, case.s, case.lengths))
 
 
 _reference = jax.jit(reference.decode_attention_reference)
-
-
-def _seed(name: str) -> int:
-    return zlib.crc32(name.encode())
 
 
 class DecodeAttentionTestBase:
@@ -98,11 +87,7 @@ class DecodeAttentionTestBase:
         _assert_close(got, want, 3e-3 if not self.INTERPRET else TOL["float32"], "masked garbage")
 
 
-for _name, _case in CASES.items():
-    def _test(self, name=_name, case=_case):
-        self._run_case(name, case)
-    _test.__name__ = f"test_{_name}"
-    setattr(DecodeAttentionTestBase, _test.__name__, _test)
+_add_case_tests(DecodeAttentionTestBase, CASES)
 
 
 class DecodeAttentionInterpretTest(DecodeAttentionTestBase, unittest.TestCase):

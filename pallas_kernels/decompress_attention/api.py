@@ -68,19 +68,20 @@ def _dequant_xla(lat, scale, zmin, cdt):
     return reference.dequantize(lat, scale, zmin).astype(cdt)
 
 
-def _gqa_xla(q, k, v, lengths):
-    """Masked GQA decode attention in XLA: q [B, H, D], k, v [B, S, K, D] -> [B, H, D] (q.dtype)."""
+def _gqa_xla(q, k, v, lengths, layout: str = "bskd"):
+    """Masked GQA decode attention in XLA: q [B, H, D], k, v [B, S, K, D] (``layout="bskd"``) or head-major
+    [B, K, S, D] (``"bksd"``) -> [B, H, D] (q.dtype)."""
     b, h, d = q.shape
-    kvh = k.shape[2]
+    kvh, s_axis = (k.shape[2], 1) if layout == "bskd" else (k.shape[1], 2)
     qg = q.reshape(b, kvh, h // kvh, d)
     prec = _precision(q.dtype)
-    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32,
+    scores = jnp.einsum(f"bkgd,{layout}->bkgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32,
                         precision=prec)
     scores = scores * (1.0 / math.sqrt(d))
-    valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+    valid = jnp.arange(k.shape[s_axis])[None, :] < lengths[:, None]
     scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
     p = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
+    out = jnp.einsum(f"bkgs,{layout}->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
     return out.reshape(b, h, d).astype(q.dtype)
 
 
@@ -129,7 +130,7 @@ def decompress_attend_xla_absorbed(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-_gqa_xla_jit = jax.jit(_gqa_xla)
+_gqa_xla_jit = jax.jit(_gqa_xla, static_argnames=("layout",))
 
 
 # ----------------------------------------------------------------------------------- public API

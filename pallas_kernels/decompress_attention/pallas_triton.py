@@ -271,6 +271,14 @@ def _kernel(*refs, names, plan: _Plan):
         r["l"][u] = l_i
 
 
+def combine_splits(o, m, l):
+    """Log-sum-exp combination of flash-decoding splits along axis 2: o [B, U, NS, R, D] (unnormalized),
+    m, l [B, U, NS, R] (running max and sum per split) -> [B, U, R, D]. An empty split (m at its finite
+    start, l = 0) gets weight 0."""
+    w = jnp.exp(m - m.max(axis=2, keepdims=True))  # [B, U, NS, R]
+    return (o * w[..., None]).sum(axis=2) / (l * w).sum(axis=2)[..., None]
+
+
 def _pad_to(x, axis, size):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
@@ -427,12 +435,8 @@ def decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_scale=None, k
         name="decompress_attend",
     )(*args)
 
-    # Log-sum-exp combination of the splits: [B, U_total, NS, R, Dv] -> [B, U_total, R, Dv].
-    m, l = m[:, :, 0], l[:, :, 0]  # every value block computed the same statistics
-    m_all = m.max(axis=2, keepdims=True)
-    w = jnp.exp(m - m_all)  # [B, U, NS, R]
-    denom = (l * w).sum(axis=2)
-    out = (o * w[..., None]).sum(axis=2) / denom[..., None]
+    # [B, U_total, NS, R, Dv] -> [B, U_total, R, Dv]; every value block computed the same statistics
+    out = combine_splits(o, m[:, :, 0], l[:, :, 0])
 
     if keys_abs:  # [B, 1, R, Wvp] -> [B, K, G, Wvp]
         out = out[:, 0, :n_heads].reshape(bsz, kvh, g, dv_total)

@@ -105,6 +105,17 @@ def _quantize_int8(z):
     return jnp.asarray(qz.astype(np.int8)), jnp.asarray(scale), jnp.asarray(zmin)
 
 
+def case_lengths(rng, b: int, s: int, given=None):
+    """[B] int32 lengths: ``given``, or random in [1, S] with the first S and the last 1 (ragged edges)."""
+    if given is not None:
+        return np.asarray(given, np.int32)
+    lengths = rng.integers(1, s + 1, b).astype(np.int32)
+    lengths[0] = s
+    if b > 1:
+        lengths[-1] = 1
+    return lengths
+
+
 def make_inputs(case: Case, seed: int):
     """Fresh random inputs for ``case``: (q, k_lat, v_lat, lengths, k_dec, v_dec, quant kwargs)."""
     rng = np.random.default_rng(seed)
@@ -114,13 +125,7 @@ def make_inputs(case: Case, seed: int):
     v_dec = _decoder(rng, case.latent, case.hidden, case.k * case.d)
     zk = rng.standard_normal((case.b, case.s, case.latent)).astype(np.float32)
     zv = rng.standard_normal((case.b, case.s, case.latent)).astype(np.float32)
-    if case.lengths is not None:
-        lengths = np.asarray(case.lengths, np.int32)
-    else:
-        lengths = rng.integers(1, case.s + 1, case.b).astype(np.int32)
-        lengths[0] = case.s
-        if case.b > 1:
-            lengths[-1] = 1
+    lengths = case_lengths(rng, case.b, case.s, case.lengths)
     quant = {}
     if case.dtype == "int8":
         zk, quant["k_scale"], quant["k_min"] = _quantize_int8(zk)
@@ -217,8 +222,9 @@ class DecompressAttentionTestBase:
         _assert_close(got, want, TOL["float32"], "masked garbage")
 
 
-def _add_case_tests(cls):
-    for name, case in CASES.items():
+def _add_case_tests(cls, cases=None):
+    """One ``test_<name>`` method per case, each calling ``cls._run_case(name, case)``."""
+    for name, case in (CASES if cases is None else cases).items():
         def test(self, name=name, case=case):
             self._run_case(name, case)
         test.__name__ = f"test_{name}"
