@@ -206,7 +206,7 @@ def main(argv=None):
     meta = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps_per_loop": args.n,
             "weights": "random bf16, SmolLM2-135M shapes", "hbm_bytes_per_s": HBM_BYTES_PER_S}
-    lines = [f"# Decode-step profile (SmolLM2-135M shapes, dense bf16 cache)", "",
+    lines = ["# Decode-step profile (SmolLM2-135M shapes, dense bf16 cache)", "",
              f"{meta['date']}, {meta['device']}, jax {meta['jax']}, XLA_FLAGS='{meta['xla_flags']}'. "
              f"step = one decode_step call; loop = per token of {args.n} steps in one jitted fori_loop.", "",
              "| batch | context | layout | step ms | loop ms/token | roofline ms | loop / roofline | kernels/step | big copies |",

@@ -42,12 +42,22 @@ def prefill_then_decode(params, cfg, tokens, method, mparams=None, prefix: int =
     returns the decode logits stacked [steps, B, V] as numpy."""
     import numpy as np
 
-    from kvjax.generate import decode_step, prefill
+    from kvjax.generate import prefill
 
     cache = method.init(cfg, tokens.shape[0], max_len, mparams)
     _, cache = prefill(params, cfg, tokens[:, :prefix], cache, method=method, mparams=mparams)
+    logits, _ = decode_tokens(params, cfg, tokens[:, prefix:], cache, method, mparams)
+    return np.asarray(logits).swapaxes(0, 1)
+
+
+def decode_tokens(params, cfg, tokens, cache, method, mparams=None):
+    """Feeds ``tokens`` [B, T] one decode step at a time through ``cache``; returns (logits [B, T, V], cache)."""
+    import jax.numpy as jnp
+
+    from kvjax.generate import decode_step
+
     steps = []
-    for i in range(prefix, tokens.shape[1]):
+    for i in range(tokens.shape[1]):
         lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=method, mparams=mparams)
         steps.append(lg)
-    return np.stack(steps)
+    return jnp.stack(steps, 1), cache

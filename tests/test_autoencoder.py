@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, prefill_then_decode
+from conftest import TINY, decode_tokens, prefill_then_decode
 from kvjax.cache import Dense
 from kvjax.cache.autoencoder import Autoencoder
 from kvjax.checkpoints import LoadedModel
 from kvjax.compressors import CompressorError, load_compressor, save_compressor
 from kvjax.compressors.autoencoder import (Coder, apply_coder, dequantize_int8, fold_variables,
                                            init_layer_variables, quantize_int8)
-from kvjax.generate import decode_step, prefill
+from kvjax.generate import prefill
 from kvjax.models import init_params
 from train.autoencoder import TrainConfig, Trainer, split_windows, windows_from_ids
 
@@ -81,12 +81,8 @@ def test_prefill_equals_decode_through_compressed_cache(tiny, latent_dtype):
     m = Autoencoder(latent=6, latent_dtype=latent_dtype, layers=(0, 2), latent_group=2 if latent_dtype == "int4" else 0)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, cfg.vocab_size)
     full, _ = prefill(params, cfg, tokens, m.init(cfg, 2, 8, mp), method=m, mparams=mp, all_logits=True)
-    cache = m.init(cfg, 2, 8, mp)
-    steps = []
-    for i in range(8):
-        lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
-        steps.append(lg)
-    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+    steps, _ = decode_tokens(params, cfg, tokens, m.init(cfg, 2, 8, mp), m, mp)
+    np.testing.assert_allclose(steps, full, atol=1e-4, rtol=1e-4)
 
 
 def test_pre_rope_keys_are_rotated_after_decoding():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kvjax
+from conftest import decode_tokens, prefill_then_decode
 from kvjax.cache import Dense
 from kvjax.generate import Sampler, decode_step, generate, pad_prompts, prefill
 from kvjax.models import forward
@@ -46,12 +47,8 @@ def test_prefill_equals_token_by_token_decode(tiny):
     m = Dense()
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
     full, _ = prefill(params, cfg, tokens, m.init(cfg, 2, 16), method=m, all_logits=True)
-    cache = m.init(cfg, 2, 16)
-    steps = []
-    for i in range(tokens.shape[1]):
-        logits, cache = decode_step(params, cfg, tokens[:, i], cache, method=m)
-        steps.append(logits)
-    np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full), atol=1e-4, rtol=1e-4)
+    steps, cache = decode_tokens(params, cfg, tokens, m.init(cfg, 2, 16), m)
+    np.testing.assert_allclose(steps, np.asarray(full), atol=1e-4, rtol=1e-4)
     assert cache.lengths.tolist() == [9, 9]
 
 
@@ -85,8 +82,6 @@ def test_ragged_batch_never_attends_to_padding(tiny):
 def test_decode_kernel_equals_xla_on_a_ragged_batch(tiny, layout):
     """The dense cache's Pallas decode attention (interpreted on CPU) equals the XLA path, prompts of
     different lengths included; "auto" is XLA off the GPU."""
-    from tests.conftest import prefill_then_decode
-
     from kvjax.models.params import init_params
 
     cfg = dataclasses.replace(tiny[0], head_dim=16)  # the kernel's smallest head_dim

@@ -11,10 +11,9 @@ import pytest
 
 import kvjax
 from kvjax.cache import Dense
-from kvjax.cache.base import Cache
 from kvjax.generate import decode_step, prefill
 from kvjax.models import init_params
-from conftest import TINY
+from conftest import TINY, decode_tokens
 
 SMOLLM2_SHAPE = dict(arch="llama", vocab_size=97, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                      d_ff=64, max_seq_len=2048, norm_eps=1e-5)
@@ -29,12 +28,7 @@ def llama():
 
 def decode_all(params, cfg, tokens, method, s):
     """Token-by-token logits [B, T, V] and the final cache."""
-    cache = method.init(cfg, tokens.shape[0], s)
-    steps = []
-    for i in range(tokens.shape[1]):
-        lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=method)
-        steps.append(lg)
-    return jnp.stack(steps, 1), cache
+    return decode_tokens(params, cfg, tokens, method.init(cfg, tokens.shape[0], s), method)
 
 
 def states_equal(a, b):

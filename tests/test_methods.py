@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import kvjax
+from conftest import decode_tokens
 from kvjax.cache import Dense
 from kvjax.cache.autoencoder import Autoencoder
 from kvjax.cache.registry import available
@@ -102,12 +103,8 @@ def test_method(tiny, name, level):
             np.testing.assert_allclose(np.asarray(logits), np.asarray(dl), atol=1e-4, rtol=1e-4)
         return
     # write-then-read: one prefill equals token-by-token decoding through the same cache
-    c2 = method.init(cfg, b, s, mp)
-    steps = []
-    for i in range(8):
-        lg, c2 = decode_step(params, cfg, tokens[:, i], c2, method=method, mparams=mp)
-        steps.append(lg)
-    np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full), atol=tol, rtol=tol)
+    steps, _ = decode_tokens(params, cfg, tokens, method.init(cfg, b, s, mp), method, mp)
+    np.testing.assert_allclose(steps, np.asarray(full), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 4), (2, 0), (2, 4)])

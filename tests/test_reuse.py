@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 import kvjax.cache.reuse  # noqa: F401  (registers "reuse")
-from conftest import TINY, prefill_then_decode
+from conftest import TINY, decode_tokens, prefill_then_decode
 from kvjax.cache import Dense
 from kvjax.cache.registry import get_method, parse_method
 from kvjax.cache.reuse import Reuse
 from kvjax.checkpoints import LoadedModel
-from kvjax.generate import decode_step, prefill
+from kvjax.generate import prefill
 from kvjax.models import init_params
 from kvjax.reuse import PlanError, head_similarity, load_plan, make_plan, save_plan
 
@@ -105,12 +105,8 @@ def test_prefill_equals_decode_through_reuse_cache(tiny):
     m = Reuse(plan=((1, 0), (2, 0), (2, 1)))
     tokens = tokens_for(cfg, t=8, seed=2)
     full = logits(params, cfg, m, tokens)
-    cache = m.init(cfg, 2, 8)
-    steps = []
-    for i in range(8):
-        lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m)
-        steps.append(lg)
-    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+    steps, _ = decode_tokens(params, cfg, tokens, m.init(cfg, 2, 8), m)
+    np.testing.assert_allclose(steps, full, atol=1e-4, rtol=1e-4)
     assert np.abs(full - logits(params, cfg, Dense(), tokens)).max() > 1e-3
 
 
@@ -356,12 +352,8 @@ def test_composition_reads_the_source_decoded_or_its_latent():
     # prefill equals decoding token by token through the composed cache
     m = Reuse(plan=whole_layers(cfg, (2,)), inner=Autoencoder(latent=6, latent_dtype="int8"), mode="latent")
     full, _ = run_logits(params, cfg, m, mp, tokens)
-    cache = m.init(cfg, 2, 6, mp)
-    steps = []
-    for i in range(6):
-        lg, cache = decode_step(params, cfg, tokens[:, i], cache, method=m, mparams=mp)
-        steps.append(lg)
-    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+    steps, _ = decode_tokens(params, cfg, tokens, m.init(cfg, 2, 6, mp), m, mp)
+    np.testing.assert_allclose(steps, full, atol=1e-4, rtol=1e-4)
 
 
 def test_composition_refuses_what_cannot_save_or_has_no_latent():

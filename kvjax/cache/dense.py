@@ -62,16 +62,13 @@ class Dense(CacheMethod):
 
     def attend(self, params, cfg, cache, layer, q, positions):
         state = cache.layers[layer]
-        if q.shape[1] == 1 and self._decode_kernel(cfg) == "pallas":
-            k, v, lengths = state["k"].astype(q.dtype), state["v"].astype(q.dtype), positions[:, 0] + 1
-            if self.layout == "bksd":
-                from pallas_kernels.decode_attention import decode_attend
-
-                return decode_attend(q[:, 0], k, v, lengths, implementation="pallas")[:, None]
-            from pallas_kernels.decompress_attention.api import dense_attend
-
-            return dense_attend(q[:, 0], k, v, lengths, implementation="pallas")[:, None]
         k, v = state["k"].astype(q.dtype), state["v"].astype(q.dtype)
+        if q.shape[1] == 1 and self._decode_kernel(cfg) == "pallas":
+            if self.layout == "bksd":
+                from pallas_kernels.decode_attention import decode_attend as kernel
+            else:
+                from pallas_kernels.decompress_attention.api import dense_attend as kernel
+            return kernel(q[:, 0], k, v, positions[:, 0] + 1, implementation="pallas")[:, None]
         if self.layout == "bksd" and q.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
             # XLA:CPU sometimes lowers the head-major bf16 x bf16 -> f32 batched dot to a thunk that
             # refuses it ("Unsupported element type for DotThunk"); CPU has no bf16 matmul speed to lose
