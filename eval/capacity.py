@@ -136,6 +136,22 @@ def verify_batch(row: dict, *, limit: int | None, param_bytes: int, mp_bytes: in
                        f"parameters and reserve; ran the largest batch that fits, {fits}")
 
 
+def verify_with_backoff(run, batch: int, *, retries: int, backoff: float):
+    """``run(batch)``; after an out-of-memory error (RuntimeError / MemoryError) tries again at ``backoff`` x
+    the batch, at most ``retries`` times. Returns (result or None, the batch of the result, the failures
+    [{"batch", "error"}] in order)."""
+    failed = []
+    for _ in range(1 + retries):
+        try:
+            return run(batch), batch, failed
+        except (RuntimeError, MemoryError) as e:
+            failed.append({"batch": batch, "error": str(e).splitlines()[0][:300]})
+            batch = int(batch * backoff)
+            if batch < 1:
+                break
+    return None, batch, failed
+
+
 def capacity(cfg, methods, *, memory_gb: float, seq_len: int, batch: int, param_bytes: int = 0,
              reserve_gb: float = 2.0, mparams: dict | None = None, params=None, do_verify: bool = False,
              cpu_verify_batch: int = 2, cpu_verify_seq: int = 64, dense_dtype: str = "float32",
@@ -181,33 +197,28 @@ def capacity(cfg, methods, *, memory_gb: float, seq_len: int, batch: int, param_
             if b < 1:
                 row["verify"] = {"error": capped or "max_batch is 0: nothing to verify"}
             else:
-                failed = []
-                for _ in range(1 + (0 if on_cpu else retries)):
-                    try:
-                        row["verify"] = verify(params, cfg, method, b, s, mp)
-                    except (RuntimeError, MemoryError) as e:  # an out-of-memory on the device: recorded
-                        failed.append({"batch": b, "error": str(e).splitlines()[0][:300]})
-                        row["verify"] = {"batch": b, "seq_len": s, "error": failed[-1]["error"], "failed": failed}
-                        b = int(b * backoff)
-                        if b < 1:
-                            break
-                        continue
-                    if row["verify"]["cache_nbytes"] != method.cache_nbytes(cfg, b, s):
-                        raise AssertionError(f"{spec}: allocated cache {row['verify']['cache_nbytes']} B "
+                res, b, failed = verify_with_backoff(lambda n: verify(params, cfg, method, n, s, mp), b,
+                                                     retries=0 if on_cpu else retries, backoff=backoff)
+                if res is None:
+                    row["verify"] = {"batch": failed[-1]["batch"], "seq_len": s, "error": failed[-1]["error"],
+                                     "failed": failed}
+                else:
+                    row["verify"] = res
+                    if res["cache_nbytes"] != method.cache_nbytes(cfg, b, s):
+                        raise AssertionError(f"{spec}: allocated cache {res['cache_nbytes']} B "
                                              f"!= method.cache_nbytes(cfg, {b}, {s})")
-                    ok = (not on_cpu) and row["verify"]["logits_finite"]
+                    ok = (not on_cpu) and res["logits_finite"]
                     row["confirmed"] = ok and capped is None and not failed
                     if ok:
                         row["confirmed_batch"] = b
                     notes = [capped] if capped else []
                     if failed:
-                        row["verify"]["failed"] = failed
+                        res["failed"] = failed
                         notes.append(f"the decode step ran out of memory at batch {failed[0]['batch']} (its "
                                      f"transient buffers, e.g. a layer's dequantized K/V, exceed the reserve); "
                                      f"ran at {b}")
                     if notes:
-                        row["verify"]["note"] = "; ".join(notes)
-                    break
+                        res["note"] = "; ".join(notes)
             if on_cpu and "error" not in row["verify"] and "note" not in row["verify"]:
                 row["verify"]["note"] = "CPU: ran a tiny size to check the code path; capacity not confirmed"
         rows.append(row)

@@ -287,6 +287,22 @@ def test_capacity_verify_never_asks_past_the_allocator_limit():
     assert verify_batch(row, limit=400, param_bytes=10, mp_bytes=0, reserve=0)[0] == 0
 
 
+def test_capacity_verify_backs_off_after_out_of_memory():
+    from eval.capacity import verify_with_backoff
+
+    def run(n):
+        if n > 70:
+            raise RuntimeError(f"RESOURCE_EXHAUSTED: Out of memory at batch {n}\nmore")
+        return {"batch": n}
+
+    res, b, failed = verify_with_backoff(run, 100, retries=4, backoff=0.85)
+    assert (res, b) == ({"batch": 61}, 61) and [f["batch"] for f in failed] == [100, 85, 72]
+    assert failed[0]["error"] == "RESOURCE_EXHAUSTED: Out of memory at batch 100"
+    res, b, failed = verify_with_backoff(run, 100, retries=1, backoff=0.85)  # gives up after 100, 85
+    assert res is None and [f["batch"] for f in failed] == [100, 85]
+    assert verify_with_backoff(run, 50, retries=0, backoff=0.85) == ({"batch": 50}, 50, [])
+
+
 # ---------------------------------------------------------------------------------------------- data
 needs_data = pytest.mark.skipif(not (data_dir() / "wikitext-2-raw" / "wiki.test.raw").exists(),
                                 reason="shared data folder not present")
