@@ -310,7 +310,7 @@ def cmd_compose(args):
         sim = json.load(f)
     model = _load_model(args.model)
     check_identity(args.similarity, sim.get("model", {}), model)
-    training = {"similarity": os.path.abspath(args.similarity), "metric": args.metric, "mode": args.mode}
+    training = {"similarity": os.path.abspath(args.similarity), "metric": args.metric}
     if args.compressor is None:
         if args.plan:
             from kvjax.reuse import load_plan
@@ -329,7 +329,7 @@ def cmd_compose(args):
         ae, mp = load_compressor(args.compressor, model)
         method = Reuse(plan=make_layer_plan(sim, args.layers, args.metric, ae.compressed_layers(model.cfg)), inner=ae,
                        mode=args.mode)
-        training.update(compressor=os.path.abspath(args.compressor), layers=args.layers)
+        training.update(compressor=os.path.abspath(args.compressor), layers=args.layers, mode=args.mode)
         if args.mode == "latent" and args.layers:
             text, _ = training_text(None, args.data_dir)
             calib = windows_from_ids(np.asarray(model.tokenizer.encode(text), np.int32), args.context)[: args.calib_windows]
