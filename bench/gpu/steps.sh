@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU session 3 (2026-11-25). The model travels in three parts (.gpu-stage/p1..p3, made by
+# The GPU machine's named steps (written in session 3, 2026-11-25; used again in session 4). The model travels in three parts (.gpu-stage/p1..p3, made by
 # `split -b 33000000` of the GGUF: each call carries one part plus the ~20 MB repo, under the 64 MiB limit).
-#   call 1: carry [".gpu-stage/p1"]:  bash bench/gpu/session3.sh stage1 profile
-#   call 2: carry [".gpu-stage/p2"]:  bash bench/gpu/session3.sh stage2 kernels1
-#   call 3: carry [".gpu-stage/p3", ".gpu-stage/data", ".whl"]: bash bench/gpu/session3.sh stage3 model
+#   call 1: carry [".gpu-stage/p1"]:  bash bench/gpu/steps.sh stage1 profile
+#   call 2: carry [".gpu-stage/p2"]:  bash bench/gpu/steps.sh stage2 kernels1
+#   call 3: carry [".gpu-stage/p3", ".gpu-stage/data", ".whl"]: bash bench/gpu/steps.sh stage3 model
 # Outputs go to $OUT (tar files when there are many).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
