@@ -178,11 +178,11 @@ def fit_latent_decoders(model, method, mparams, token_windows, batch: int = 4, r
     :class:`~kvjax.cache.reuse.Reuse` over a linear autoencoder) reuses replaced by least-squares maps from
     its source layer's latents to its own K (pre-RoPE when the autoencoder stores pre-RoPE keys) and V,
     measured on the dense model over ``token_windows`` [W, T] (training text, not an evaluated split).
-    Latents pass through the storage's int8 round trip when latents are stored in int8. The other
+    Latents pass through the storage's round trip (``Autoencoder.round_trip``: int8/int4/int2, bf16). The other
     layers' parameters are returned unchanged. ``kv``: the (k_layers, v_layers) of
     ``collect_kv(model, token_windows, pre_rope=<the autoencoder's pre_rope>)``, to reuse one pass over
     several plans (``token_windows`` is then not read)."""
-    from kvjax.compressors.autoencoder import apply_coder, dequantize_int8, quantize_int8
+    from kvjax.compressors.autoencoder import apply_coder
 
     if method.mode != "latent":
         raise ValueError(f"fit_latent_decoders needs a reuse method with mode='latent', got mode={method.mode!r}")
@@ -199,9 +199,8 @@ def fit_latent_decoders(model, method, mparams, token_windows, batch: int = 4, r
         src = method.source(cfg, layer, 0)
         new = dict(mparams[str(layer)])
         for part, rows in (("k", k_layers), ("v", v_layers)):
-            z = apply_coder(mparams[str(src)][part + "_enc"], jnp.asarray(rows[src].reshape(len(rows[src]), -1)))
-            if ae.storage_dtype == "int8":
-                z = dequantize_int8(*quantize_int8(z))
+            z = ae.round_trip(apply_coder(mparams[str(src)][part + "_enc"],
+                                          jnp.asarray(rows[src].reshape(len(rows[src]), -1))))
             w, b = fit_decoder(np.asarray(z), rows[layer].reshape(len(rows[layer]), -1), ridge)
             new[part + "_dec"] = [{"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}]
         out[str(layer)] = new
@@ -213,7 +212,7 @@ def latent_fit_scores(ae, mparams, kv, ridge: float = 1e-4) -> dict:
     layer l's K and V through the least-squares decoders of :func:`fit_latent_decoders` (the residual
     sum of squares over the total sum of squares about the mean, K plus V; lower = more reusable in latent
     mode). ``kv``: (k_layers, v_layers) of ``collect_kv(..., pre_rope=ae.pre_rope)`` over training text."""
-    from kvjax.compressors.autoencoder import apply_coder, dequantize_int8, quantize_int8
+    from kvjax.compressors.autoencoder import apply_coder
 
     k_layers, v_layers = kv
     n = len(k_layers)
@@ -225,10 +224,8 @@ def latent_fit_scores(ae, mparams, kv, ridge: float = 1e-4) -> dict:
         total = 0.0
         for part, rows in (("k", k_layers), ("v", v_layers)):
             below = rows[layer - 1].reshape(len(rows[layer - 1]), -1)
-            z = apply_coder(mparams[str(layer - 1)][part + "_enc"], jnp.asarray(below))
-            if ae.storage_dtype == "int8":
-                z = dequantize_int8(*quantize_int8(z))
-            z = np.asarray(z, np.float64)
+            z = np.asarray(ae.round_trip(apply_coder(mparams[str(layer - 1)][part + "_enc"], jnp.asarray(below))),
+                           np.float64)
             x = rows[layer].reshape(len(rows[layer]), -1).astype(np.float64)
             w, b = fit_decoder(z, x, ridge)
             total += float(((z @ w + b - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())

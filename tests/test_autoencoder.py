@@ -28,7 +28,7 @@ def random_mparams(cfg, latent, hidden=0, layers=None, seed=0):
     return fold_variables(variables)
 
 
-@pytest.mark.parametrize("latent_dtype,hidden", [("", 0), ("bfloat16", 12), ("int8", 0), ("int4", 0)])
+@pytest.mark.parametrize("latent_dtype,hidden", [("", 0), ("bfloat16", 12), ("int8", 0), ("int4", 0), ("int2", 0)])
 def test_nbytes_shrinks_by_the_configured_ratio(tiny, latent_dtype, hidden):
     cfg, _ = tiny
     latent = cfg.kv_width // 2
@@ -37,7 +37,8 @@ def test_nbytes_shrinks_by_the_configured_ratio(tiny, latent_dtype, hidden):
     cache = m.init(cfg, 2, 24, mp)
     dense = Dense().init(cfg, 2, 24)
     assert cache.nbytes == m.bytes_per_token(cfg) * 2 * 24
-    per_layer = {"": 4 * latent, "bfloat16": 2 * latent, "int8": latent + 4, "int4": latent // 2 + 4}[latent_dtype] * 2
+    per_layer = {"": 4 * latent, "bfloat16": 2 * latent, "int8": latent + 4, "int4": latent // 2 + 4,
+                 "int2": latent // 4 + 4}[latent_dtype] * 2
     assert cache.nbytes == per_layer * cfg.n_layers * 2 * 24
     if latent_dtype == "":
         assert cache.nbytes * 2 == dense.nbytes  # exactly half at latent = K*D/2
@@ -74,11 +75,13 @@ def test_compressed_cache_equals_attention_over_reconstructed_kv(tiny, hidden):
     assert float(jnp.abs(got - dense).max()) > 1e-3  # the compression is really in the path
 
 
-@pytest.mark.parametrize("latent_dtype", ["", "int8", "int4"])
+@pytest.mark.parametrize("latent_dtype", ["", "int8", "int4", "int2"])
 def test_prefill_equals_decode_through_compressed_cache(tiny, latent_dtype):
     cfg, params = tiny
-    mp = random_mparams(cfg, 6)
-    m = Autoencoder(latent=6, latent_dtype=latent_dtype, layers=(0, 2), latent_group=2 if latent_dtype == "int4" else 0)
+    latent = 8 if latent_dtype == "int2" else 6
+    mp = random_mparams(cfg, latent)
+    m = Autoencoder(latent=latent, latent_dtype=latent_dtype, layers=(0, 2),
+                    latent_group={"int4": 2, "int2": 4}.get(latent_dtype, 0))
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, cfg.vocab_size)
     full, _ = prefill(params, cfg, tokens, m.init(cfg, 2, 8, mp), method=m, mparams=mp, all_logits=True)
     steps, _ = decode_tokens(params, cfg, tokens, m.init(cfg, 2, 8, mp), m, mp)
@@ -113,21 +116,25 @@ def test_batchnorm_folds_exactly():
     np.testing.assert_allclose(apply_coder(folded["k_enc"], x), want, atol=1e-5)
 
 
-def test_int4_latents_are_within_half_a_step_and_refuse_bad_groups():
+@pytest.mark.parametrize("latent_dtype,bits", [("int4", 4), ("int2", 2)])
+def test_packed_latents_are_within_half_a_step_and_refuse_bad_groups(latent_dtype, bits):
     cfg = TINY["llama"]
     mp = random_mparams(cfg, 8)
-    m = Autoencoder(latent=8, latent_dtype="int4", latent_group=4)
+    m = Autoencoder(latent=8, latent_dtype=latent_dtype, latent_group=4)
     k = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.n_kv_heads, cfg.head_dim))
     pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
     st = m.write_layer(mp, cfg, m.init(cfg, 2, 5, mp).layers[0], 0, k, k, pos, pos[:, 0])
-    assert st["k"].dtype == jnp.uint8 and st["k"].shape == (2, 5, 4) and st["k_scale"].shape == (2, 5, 2)
+    assert st["k"].dtype == jnp.uint8 and st["k"].shape == (2, 5, 8 * bits // 8) and st["k_scale"].shape == (2, 5, 2)
     zk, _ = m.latents(st)
-    z = apply_coder(mp["0"]["k_enc"], k.reshape(2, 5, -1)).reshape(2, 5, 2, 4)
-    step = (z.max(-1) - z.min(-1)) / 15
-    assert float(jnp.max(jnp.abs(zk.reshape(z.shape) - z) / step[..., None])) <= 0.55
+    z = apply_coder(mp["0"]["k_enc"], k.reshape(2, 5, -1))
+    np.testing.assert_array_equal(zk, m.round_trip(z))  # what training and the reuse fits see is what is stored
+    z = z.reshape(2, 5, 2, 4)
+    step = (z.max(-1) - z.min(-1)) / (2 ** bits - 1)
+    err = jnp.abs(zk.reshape(z.shape) - z) / step[..., None]
+    assert float(jnp.max(err)) <= 0.55 and float(jnp.mean(err)) > 0.05  # really quantized, to the right step
     with pytest.raises(ValueError, match="latent_group=3"):
-        Autoencoder(latent=8, latent_dtype="int4", latent_group=3).init(cfg, 1, 4, mp)
-    with pytest.raises(ValueError, match="int4 only"):
+        Autoencoder(latent=8, latent_dtype=latent_dtype, latent_group=3).init(cfg, 1, 4, mp)
+    with pytest.raises(ValueError, match="int4 or int2 only"):
         Autoencoder(latent=8, latent_dtype="int8", latent_group=4)
 
 
@@ -278,3 +285,27 @@ def test_pca_init_at_full_width_is_lossless(tmp_path):
     half = run(tmp_path / "pca2", init="pca", latent=TINY["llama"].kv_width // 4)
     res2 = half.evaluate(half.init_variables())
     assert abs(res2["eval_ppl"] / res2["eval_ppl_dense"] - 1) > 1e-3  # truncation is really in the path
+
+
+def test_quantization_aware_training_sees_the_stored_int2_latents(tmp_path):
+    """Stage 2 with latent_dtype int2 trains through exactly what the int2 cache stores (the logits of the
+    training forward equal those of the folded compressor through the real cache), and the run writes an
+    int2 compressor."""
+    from kvjax.models.transformer import forward
+
+    trainer = run(tmp_path / "q", latent=8, latent_dtype="int2", latent_group=4, steps1=0, steps2=6)
+    cfg, variables = trainer.cfg, trainer.init_variables()
+    tokens = jnp.asarray(trainer.train_windows[:2])
+    mp = {"vars": variables, "active": jnp.ones((cfg.n_layers,), jnp.float32)}
+    logits = {}
+    for name, m in (("qat", trainer.quant_method), ("float", trainer.train_method)):
+        logits[name], _ = forward(trainer.params, cfg, tokens, m.init(cfg, 2, tokens.shape[1]), m, mp)
+    m, folded = trainer.tc.method(), fold_variables(variables)
+    cache_logits, _ = forward(trainer.params, cfg, tokens, m.init(cfg, 2, tokens.shape[1], folded), m, folded)
+    np.testing.assert_allclose(logits["qat"], cache_logits, atol=1e-4, rtol=1e-4)
+    assert float(jnp.abs(logits["float"] - cache_logits).max()) > 1e-2  # 2-bit rounding is really in the path
+    method, mp2, hist = trainer.run()
+    assert (method.latent_dtype, method.latent_group) == ("int2", 4)
+    assert all(np.isfinite(h["loss"]) for h in hist[1:]) and hist[-1]["step"] == 6
+    # the straight-through gradient reaches the encoders: they moved
+    assert float(jnp.abs(mp2["0"]["k_enc"][0]["w"] - folded["0"]["k_enc"][0]["w"]).max()) > 1e-5

@@ -36,7 +36,7 @@ import optax
 from kvjax.cache.autoencoder import Autoencoder
 from kvjax.cache.base import CacheMethod, write_at
 from kvjax.cache.reuse import MODES as REUSE_MODES, Reuse
-from kvjax.compressors.autoencoder import (LayerAutoencoders, fake_quant_int8, fold_variables,
+from kvjax.compressors.autoencoder import (LayerAutoencoders, fold_variables, straight_through,
                                            init_layer_variables, pca_linear_variables)
 from kvjax.compressors.io import save_compressor
 from kvjax.models.layers import rope
@@ -49,7 +49,8 @@ class TrainConfig:
     latent_v: int = 0  # 0: same as latent
     hidden: int = 0  # 0: linear autoencoders
     layers: tuple = ()  # (): every layer
-    latent_dtype: str = ""  # "int8": train stage 2 with int8 fake-quantized latents, store int8
+    latent_dtype: str = ""  # "int8" / "int4" / "int2": stage 2 trains through the storage's round trip, stores that
+    latent_group: int = 0  # int4 / int2: latents per scale (0: the whole latent vector)
     pre_rope: bool = True
     init: str = "pca"  # "pca" (linear variant only) or "random"
     steps1: int = 0  # stage-1 steps per layer (0: skip; see the README for why)
@@ -82,7 +83,8 @@ class TrainConfig:
 
     def ae_method(self, dtype: str | None = None) -> Autoencoder:
         return Autoencoder(latent=self.latent, latent_v=self.latent_v, hidden=self.hidden, layers=tuple(self.layers),
-                           latent_dtype=self.latent_dtype, pre_rope=self.pre_rope, dtype=dtype or self.dtype)
+                           latent_dtype=self.latent_dtype, pre_rope=self.pre_rope, dtype=dtype or self.dtype,
+                           latent_group=self.latent_group)
 
     def method(self, dtype: str | None = None):
         """The inference method: the autoencoder, wrapped in :class:`Reuse` when there is a reuse plan."""
@@ -108,7 +110,7 @@ class _TrainingCache(CacheMethod):
     latent: int = 0
     hidden: int = 0
     pre_rope: bool = True
-    quant: bool = False
+    quant: Autoencoder | None = None  # quantization-aware: latents pass through quant.round_trip (straight-through)
     latent_v: int = 0
     plan: tuple = ()
     reuse_mode: str = "decoded"
@@ -130,8 +132,8 @@ class _TrainingCache(CacheMethod):
             var = params["vars"][str(layer)]
             (zk, zv), upd = module.apply(var, xk, xv, train=True, method=LayerAutoencoders.encode,
                                          mutable=["batch_stats"])
-            if self.quant:
-                zk, zv = fake_quant_int8(zk), fake_quant_int8(zv)
+            if self.quant is not None:
+                zk, zv = straight_through(self.quant.round_trip, zk), straight_through(self.quant.round_trip, zv)
             var = {**var, **upd}
             (rk, rv), upd = module.apply(var, zk, zv, train=True, method=LayerAutoencoders.decode,
                                          mutable=["batch_stats"])
@@ -236,7 +238,7 @@ class Trainer:
         self.train_method = _TrainingCache(width=self.cfg.kv_width, latent=self.latent, hidden=tc.hidden,
                                            pre_rope=tc.pre_rope, latent_v=self.latent_v, plan=tc.reuse_plan,
                                            reuse_mode=tc.reuse_mode)
-        self.quant_method = dataclasses.replace(self.train_method, quant=True)
+        self.quant_method = dataclasses.replace(self.train_method, quant=self.infer_method)
         self.n1 = tc.steps1 * len(self.layers)
         self._dense_ppl = None
         self.total = self.n1 + tc.steps2
@@ -306,7 +308,6 @@ class Trainer:
     def fit_reuse_decoders(self, variables, rows):
         """Latent reuse: each reused layer's (linear) decoders become least-squares maps from its source
         layer's latents (int8 round trip included when latents are int8) to its own K and V rows."""
-        from kvjax.compressors.autoencoder import dequantize_int8, quantize_int8
         from kvjax.reuse import fit_decoder
 
         reuse = Reuse(plan=self.tc.reuse_plan)
@@ -316,9 +317,7 @@ class Trainer:
             params = dict(variables[str(layer)]["params"])
             for i, part in enumerate(("k", "v")):
                 enc = variables[str(src)]["params"][part + "_enc"]["dense_0"]
-                z = jnp.asarray(rows[src][i], jnp.float32) @ enc["kernel"] + enc["bias"]
-                if self.tc.latent_dtype == "int8":
-                    z = dequantize_int8(*quantize_int8(z))
+                z = self.infer_method.round_trip(jnp.asarray(rows[src][i], jnp.float32) @ enc["kernel"] + enc["bias"])
                 w, b = fit_decoder(np.asarray(z), rows[layer][i])
                 params[part + "_dec"] = {"dense_0": {"kernel": jnp.asarray(w, jnp.float32),
                                                      "bias": jnp.asarray(b, jnp.float32)}}
@@ -456,7 +455,8 @@ class Trainer:
 
     def setup_stage(self, stage, variables):
         tx = self.optimizer(stage, {l: v["params"] for l, v in variables.items()})
-        method = self.quant_method if (stage == 2 and self.tc.latent_dtype == "int8") else self.train_method
+        quantized = self.infer_method.storage_dtype in ("int8", "int4", "int2")
+        method = self.quant_method if (stage == 2 and quantized) else self.train_method
         return tx, self.make_step(tx, method)
 
     def init_variables_abstract(self):
@@ -497,7 +497,10 @@ def main(argv=None):
     ap.add_argument("--latent", type=int, default=0, help="latent width (0: half of K*D)")
     ap.add_argument("--latent-v", type=int, default=0, help="latent width of V (0: same as --latent)")
     ap.add_argument("--hidden", type=int, default=0, help="hidden width (0: linear autoencoders)")
-    ap.add_argument("--latent-dtype", default="", choices=["", "bfloat16", "float16", "float32", "int8"])
+    ap.add_argument("--latent-dtype", default="", choices=["", "bfloat16", "float16", "float32", "int8", "int4", "int2"],
+                    help="stored latents; int8/int4/int2 train stage 2 through the quantizer (straight-through)")
+    ap.add_argument("--latent-group", type=int, default=0,
+                    help="int4/int2: latents per float16 scale and minimum (0: the whole latent vector)")
     ap.add_argument("--post-rope", action="store_true", help="compress keys after RoPE (default: before)")
     ap.add_argument("--init", default=None, choices=["pca", "random"], help="default: pca if linear else random")
     ap.add_argument("--steps1", type=int, default=0, help="stage-1 steps per layer")
@@ -532,7 +535,7 @@ def main(argv=None):
     from train.data import training_text
 
     tc = TrainConfig(latent=args.latent, latent_v=args.latent_v, hidden=args.hidden, layers=parse_layers(args.layers),
-                     latent_dtype=args.latent_dtype, pre_rope=not args.post_rope,
+                     latent_dtype=args.latent_dtype, latent_group=args.latent_group, pre_rope=not args.post_rope,
                      init=args.init or ("pca" if args.hidden == 0 else "random"), steps1=args.steps1,
                      steps2=args.steps2, stage2_train=args.stage2_train, batch=args.batch, context=args.context,
                      lr=args.lr, lr2=args.lr2, l1_weight=args.l1_weight, eval_every=args.eval_every,

@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# The GPU machine's named steps (written in session 3, 2026-11-25; used again in session 4). The model travels in three parts (.gpu-stage/p1..p3, made by
-# `split -b 33000000` of the GGUF: each call carries one part plus the ~20 MB repo, under the 64 MiB limit).
-#   call 1: carry [".gpu-stage/p1"]:  bash bench/gpu/steps.sh stage1 profile
-#   call 2: carry [".gpu-stage/p2"]:  bash bench/gpu/steps.sh stage2 kernels1
-#   call 3: carry [".gpu-stage/p3", ".gpu-stage/data", ".whl"]: bash bench/gpu/steps.sh stage3 model
+# The GPU machine's named steps (written in session 3, 2026-11-25; used again in sessions 4 and 5). The model travels
+# in five parts (.gpu-stage/p1..p5, made by `split -b 20000000` of the GGUF into gpart_aa..ae, one per folder): each call
+# carries one part plus the ~35 MB repo (and, last, the data and wheels), under the 64 MiB limit.
+#   calls 1-4: carry [".gpu-stage/pN"]:  bash bench/gpu/steps.sh stageN   (N = 1..4; other steps may follow)
+#   call 5: carry [".gpu-stage/p5", ".gpu-stage/data", ".whl"]: bash bench/gpu/steps.sh stage5 assemble qat report
 # Outputs go to $OUT (tar files when there are many).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 for step in "$@"; do
   case $step in
-    stage1) mkdir -p /root/stage && cp .gpu-stage/p1/* /root/stage/ ;;
-    stage2) cp .gpu-stage/p2/* /root/stage/ ;;
-    stage3) cp .gpu-stage/p3/* /root/stage/ && cat /root/stage/gpart_aa /root/stage/gpart_ab /root/stage/gpart_ac > /root/model.gguf \
-              && sha256sum /root/model.gguf && source bench/gpu/setup.sh ;;
+    stage[1-9]) mkdir -p /root/stage && cp .gpu-stage/p${step#stage}/* /root/stage/ && ls /root/stage ;;
+    assemble) cat /root/stage/gpart_* > /root/model.gguf && sha256sum /root/model.gguf && source bench/gpu/setup.sh ;;
     setup) source bench/gpu/setup.sh ;;
     profile)
       export PYTHONPATH=$PWD
@@ -82,6 +80,16 @@ for step in "$@"; do
         for ds in wikitext2 c4; do
           python3 -m eval.perplexity --compressor runs/reuse/ft-$name/compressor --dataset $ds --batch 64 \
             --json $OUT/ft-$name-$ds.json --no-progress 2>&1 | tail -1; done; done ;;
+    qat)  # issue 7: quantization-aware KV-CAR coders, trained on wiki.valid; QAT_SPECS entries dtype:group:lr2:steps
+          # (int2 g48 = 8x vs bf16, int4 g32 = 4.3x); copied to results/compressors (the grids' paths) and into $OUT/qat.tar
+      export PYTHONPATH=/tmp/site:$PWD
+      for spec in ${QAT_SPECS:-int2:48:1e-3:400 int4:32:1e-4:400}; do
+        IFS=: read dt g lr n <<< "$spec"; name=smollm2-k96v192-$dt-g$g-qat${QAT_TAG:-}
+        python3 -m train.autoencoder --latent 96 --latent-v 192 --latent-dtype $dt --latent-group $g --save-dtype float16 \
+          --steps2 $n --lr2 $lr --no-progress --out runs/qat/$name 2>&1 | grep -E "held-back|wrote|Error"
+        cp -r runs/qat/$name/compressor results/compressors/$name && cp runs/qat/$name/history.json $OUT/$name-history.json
+        tar -C results/compressors -rf $OUT/qat.tar $name
+      done ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

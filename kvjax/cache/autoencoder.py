@@ -1,9 +1,11 @@
 """KV-CAR compressed cache: chosen layers store per-token autoencoder latents instead of K and V.
 
 A compressed layer's state is ``{"k": [B, S, Lk], "v": [B, S, Lv]}`` in ``latent_dtype`` (for int8 also
-``k_scale``, ``k_min``, ``v_scale``, ``v_min``: [B, S] float16; for int4 the latents are packed two codes
-to a byte, ``k``: uint8 [B, S, Lk/2], with float16 scale and minimum per group of ``latent_group`` latents,
-[B, S, Lk/latent_group], through :func:`kvjax.cache.quantized.quantize`). New K/V are encoded once when written;
+``k_scale``, ``k_min``, ``v_scale``, ``v_min``: [B, S] float16; for int4 / int2 the latents are packed two /
+four codes to a byte, ``k``: uint8 [B, S, Lk*bits/8], with float16 scale and minimum per group of
+``latent_group`` latents, [B, S, Lk/latent_group], through :func:`kvjax.cache.quantized.quantize`).
+:meth:`Autoencoder.round_trip` is what storage does to a latent; training (quantization-aware, with a
+straight-through gradient) and the least-squares reuse fits go through it too. New K/V are encoded once when written;
 attention reads decoded K/V. Other layers are stored densely. Keys are compressed *before* RoPE by
 default (``pre_rope``) and rotated after decoding: pre-RoPE keys of a head share one subspace at every
 position, while RoPE spreads them over position-dependent rotations that a fixed linear map cannot
@@ -21,7 +23,8 @@ from kvjax.cache.registry import register
 from kvjax.cache.quantized import dequantize, quantize
 from kvjax.compressors.autoencoder import apply_coder, dequantize_int8, quantize_int8
 
-LATENT_DTYPES = ("", "float32", "bfloat16", "float16", "int8", "int4")
+LATENT_DTYPES = ("", "float32", "bfloat16", "float16", "int8", "int4", "int2")
+PACKED_BITS = {"int4": 4, "int2": 2}  # latents packed below a byte, with per-group scales
 
 
 @register("autoencoder")
@@ -29,7 +32,7 @@ LATENT_DTYPES = ("", "float32", "bfloat16", "float16", "int8", "int4")
 class Autoencoder(CacheMethod):
     """Settings. ``latent`` (keys) 0 means half of K*D; ``latent_v`` 0 means the same as the keys';
     ``hidden`` 0 means the linear variant; ``layers`` () means every layer; ``latent_dtype`` "" means ``dtype``;
-    ``latent_group``: latents per int4 scale (0: the whole latent vector; int4 only)."""
+    ``latent_group``: latents per int4 / int2 scale (0: the whole latent vector; int4 / int2 only)."""
 
     name = "autoencoder"
     latent: int = 0
@@ -47,9 +50,9 @@ class Autoencoder(CacheMethod):
             raise ValueError(f"autoencoder latent_dtype={self.latent_dtype!r}; choose from {LATENT_DTYPES[1:]}")
         if self.kernel not in ("auto", "pallas", "xla"):
             raise ValueError(f"autoencoder kernel={self.kernel!r}; choose auto, pallas or xla")
-        if self.latent_group < 0 or (self.latent_group and self.latent_dtype != "int4"):
-            raise ValueError(f"autoencoder latent_group={self.latent_group} applies to latent_dtype=int4 only "
-                             f"and must be >= 0")
+        if self.latent_group < 0 or (self.latent_group and self.latent_dtype not in PACKED_BITS):
+            raise ValueError(f"autoencoder latent_group={self.latent_group} applies to latent_dtype int4 or int2 "
+                             f"only and must be >= 0")
         if isinstance(self.layers, int):  # a single layer from the CLI parser
             object.__setattr__(self, "layers", (self.layers,))
 
@@ -69,6 +72,11 @@ class Autoencoder(CacheMethod):
     def storage_dtype(self) -> str:
         return self.latent_dtype or self.dtype
 
+    @property
+    def packed_bits(self) -> int:
+        """Bits per latent code when latents are packed below a byte (int4: 4, int2: 2), else 0."""
+        return PACKED_BITS.get(self.storage_dtype, 0)
+
     def validate(self, cfg, params):
         layers = self.compressed_layers(cfg)
         bad = [l for l in layers if not 0 <= l < cfg.n_layers]
@@ -77,9 +85,10 @@ class Autoencoder(CacheMethod):
         for name, dim in (("latent", self.latent_dim(cfg)), ("latent_v", self.latent_v_dim(cfg))):
             if not 0 < dim <= cfg.kv_width:
                 raise ValueError(f"autoencoder {name}={dim} must be in [1, K*D={cfg.kv_width}]")
-            if self.storage_dtype == "int4" and (dim % 2 or dim % (self.latent_group or dim)):
-                raise ValueError(f"autoencoder latent_dtype=int4: {name}={dim} must be even and a multiple of "
-                                 f"latent_group={self.latent_group}")
+            per_byte = 8 // self.packed_bits if self.packed_bits else 1
+            if self.packed_bits and (dim % per_byte or dim % (self.latent_group or dim)):
+                raise ValueError(f"autoencoder latent_dtype={self.storage_dtype}: {name}={dim} must be a multiple of "
+                                 f"{per_byte} (codes per byte) and of latent_group={self.latent_group}")
         if params is None:
             raise ValueError("the autoencoder method needs trained compressor parameters (mparams); "
                              "train them with `python -m train.autoencoder` and load with kvjax.compressors.load_compressor")
@@ -99,11 +108,11 @@ class Autoencoder(CacheMethod):
         if layer not in self.compressed_layers(cfg):
             shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
             return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-        if self.storage_dtype == "int4":
+        if self.packed_bits:
             state = {}
             for name, dim in (("k", self.latent_dim(cfg)), ("v", self.latent_v_dim(cfg))):
                 n = dim // (self.latent_group or dim)
-                state[name] = jnp.zeros((batch, max_len, dim // 2), jnp.uint8)
+                state[name] = jnp.zeros((batch, max_len, dim * self.packed_bits // 8), jnp.uint8)
                 state[name + "_scale"] = jnp.zeros((batch, max_len, n), jnp.float16)
                 state[name + "_min"] = jnp.zeros((batch, max_len, n), jnp.float16)
             return state
@@ -117,9 +126,9 @@ class Autoencoder(CacheMethod):
     def layer_bytes_per_token(self, cfg, layer):
         if layer not in self.compressed_layers(cfg):
             return 2 * cfg.kv_width * jnp.dtype(self.dtype).itemsize
-        if self.storage_dtype == "int4":
-            dims = (self.latent_dim(cfg), self.latent_v_dim(cfg))
-            return sum(d // 2 + 2 * 2 * (d // (self.latent_group or d)) for d in dims)  # codes, fp16 scale + min
+        if self.packed_bits:
+            dims = (self.latent_dim(cfg), self.latent_v_dim(cfg))  # codes, then a float16 scale + min per group
+            return sum(d * self.packed_bits // 8 + 2 * 2 * (d // (self.latent_group or d)) for d in dims)
         per = (self.latent_dim(cfg) + self.latent_v_dim(cfg)) * jnp.dtype(self.storage_dtype).itemsize
         if self.storage_dtype == "int8":
             per += 2 * 2 * 2  # float16 scale and minimum, for K and for V
@@ -138,29 +147,39 @@ class Autoencoder(CacheMethod):
         zv = apply_coder(p["v_enc"], v.reshape(b, t, -1))
         new = dict(state)
         for name, z in (("k", zk), ("v", zv)):
-            if self.storage_dtype == "int4":
-                q, scale, zmin = quantize(z, 4, self.latent_group)
-                new[name] = write_at(state[name], q, starts)
-                new[name + "_scale"] = write_at(state[name + "_scale"], scale, starts)
-                new[name + "_min"] = write_at(state[name + "_min"], zmin, starts)
-            elif self.storage_dtype == "int8":
-                q, scale, zmin = quantize_int8(z)
-                new[name] = write_at(state[name], q, starts)
-                new[name + "_scale"] = write_at(state[name + "_scale"], scale, starts)
-                new[name + "_min"] = write_at(state[name + "_min"], zmin, starts)
-            else:
-                new[name] = write_at(state[name], z, starts)
+            for suffix, x in self.store_latent(z).items():
+                new[name + suffix] = write_at(state[name + suffix], x, starts)
         return new
+
+    def store_latent(self, z) -> dict:
+        """What the cache stores for latents z [..., L]: {"": latents or codes} plus, when quantized,
+        {"_scale", "_min"} (float16)."""
+        if self.packed_bits:
+            q, scale, zmin = quantize(z, self.packed_bits, self.latent_group)
+            return {"": q, "_scale": scale, "_min": zmin}
+        if self.storage_dtype == "int8":
+            q, scale, zmin = quantize_int8(z)
+            return {"": q, "_scale": scale, "_min": zmin}
+        return {"": z.astype(self.storage_dtype)}
+
+    def load_latent(self, stored: dict):
+        """Inverse of :meth:`store_latent`: float32 latents [..., L]."""
+        if self.packed_bits:
+            q = stored[""]
+            return dequantize(q, stored["_scale"], stored["_min"], self.packed_bits, self.latent_group,
+                              q.shape[-1] * 8 // self.packed_bits)
+        if self.storage_dtype == "int8":
+            return dequantize_int8(stored[""], stored["_scale"], stored["_min"])
+        return stored[""].astype(jnp.float32)
+
+    def round_trip(self, z):
+        """Latents z [..., L] as attention reads them back from this cache (float32)."""
+        return self.load_latent(self.store_latent(z))
 
     def latents(self, state):
         """Dequantized latents (zk, zv): [B, S, L] float32."""
-        if self.storage_dtype == "int4":
-            return tuple(dequantize(state[n], state[n + "_scale"], state[n + "_min"], 4, self.latent_group,
-                                    2 * state[n].shape[-1]) for n in ("k", "v"))
-        if self.storage_dtype == "int8":
-            return (dequantize_int8(state["k"], state["k_scale"], state["k_min"]),
-                    dequantize_int8(state["v"], state["v_scale"], state["v_min"]))
-        return state["k"].astype(jnp.float32), state["v"].astype(jnp.float32)
+        return tuple(self.load_latent({s: state[n + s] for s in ("", "_scale", "_min") if n + s in state})
+                     for n in ("k", "v"))
 
     def use_kernel(self) -> bool:
         if self.kernel == "auto":
@@ -172,7 +191,7 @@ class Autoencoder(CacheMethod):
         """Decode steps (one new token) of compressed layers go through the fused decompress-and-attend
         kernel when ``use_kernel()``: it reads only latents. Everything else decodes, then attends."""
         if (q.shape[1] != 1 or layer not in self.compressed_layers(cfg) or not self.use_kernel()
-                or self.storage_dtype == "int4"):  # the fused kernel reads float or int8 latents
+                or self.packed_bits):  # the fused kernel reads float or int8 latents
             return super().attend(params, cfg, cache, layer, q, positions)
         return self.attend_latents(cfg, cache.layers[layer], params[str(layer)], q, positions)
 

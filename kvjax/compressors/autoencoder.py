@@ -108,7 +108,7 @@ def apply_coder(layers: list[dict], x):
     return x
 
 
-# ------------------------------------------------------------------------------------- int8 latents
+# ------------------------------------------------------------------------------------- quantized latents
 def quantize_int8(z, scale_dtype=jnp.float16):
     """Asymmetric per-vector int8: z [..., L] -> (q int8 [..., L], scale [...], zmin [...]).
 
@@ -128,10 +128,10 @@ def dequantize_int8(q, scale, zmin):
     return (q.astype(jnp.float32) + 128.0) * scale.astype(jnp.float32)[..., None] + zmin.astype(jnp.float32)[..., None]
 
 
-def fake_quant_int8(z):
-    """int8 round trip with a straight-through gradient (training with quantized latents)."""
-    zq = dequantize_int8(*quantize_int8(z))
-    return z + jax.lax.stop_gradient(zq - z)
+def straight_through(round_trip, z):
+    """``round_trip(z)`` in the forward pass, identity in the backward pass (quantization-aware training:
+    ``round_trip`` is the cache's quantize-dequantize, e.g. ``Autoencoder.round_trip``)."""
+    return z + jax.lax.stop_gradient(round_trip(z) - z)
 
 
 # ------------------------------------------------------------------------------------- PCA init
