@@ -35,12 +35,16 @@ import optax
 
 from kvjax.cache.autoencoder import Autoencoder
 from kvjax.cache.base import CacheMethod, write_at
+from kvjax.cache.dense import Dense
 from kvjax.cache.reuse import MODES as REUSE_MODES, Reuse
 from kvjax.compressors.autoencoder import (LayerAutoencoders, fold_variables, straight_through,
                                            init_layer_variables, pca_linear_variables)
 from kvjax.compressors.io import save_compressor
 from kvjax.models.layers import rope
 from kvjax.models.transformer import forward
+
+
+LOSSES = ("ce", "kl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +75,13 @@ class TrainConfig:
     reuse_mode: str = "decoded"  # "decoded" or "latent"
     reuse_l1: float = 0.01  # weight of the relative L1 between reused heads' actual and read K/V
     init_from: str = ""  # a trained (linear) compressor to start from instead of --init: fine-tuning after reuse
+    loss: str = "ce"  # "ce": next-token cross-entropy (the paper's); "kl": KL(dense model || compressed model) per token
 
     def __post_init__(self):
         from kvjax.cache.reuse import normalize_plan
         object.__setattr__(self, "reuse_plan", normalize_plan(self.reuse_plan))
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}; choose from {LOSSES}")
         if self.reuse_mode not in REUSE_MODES:
             raise ValueError(f"reuse_mode={self.reuse_mode!r}; choose from {REUSE_MODES}")
         if self.reuse_plan and self.steps1:
@@ -202,6 +209,15 @@ def token_nll(logits, tokens):
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return jnp.mean(nll)
+
+
+def token_kl(teacher_logits, logits):
+    """Mean over positions of KL(softmax(teacher) || softmax(logits)), [B, T, V] each (every position but the
+    last, as :func:`token_nll` scores). Distillation from the dense model: the compressed cache is trained to
+    keep the model's predictions, not to fit the training text better than the model does."""
+    lt = jax.nn.log_softmax(teacher_logits[:, :-1].astype(jnp.float32), axis=-1)
+    ls = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -345,7 +361,9 @@ class Trainer:
     def make_step(self, tx, method):
         cfg, w, wr = self.cfg, self.tc.l1_weight, self.tc.reuse_l1
 
-        def loss_fn(ae_params, variables, params, tokens, active):
+        kl = self.tc.loss == "kl"
+
+        def loss_fn(ae_params, variables, params, tokens, active, teacher):
             merged = {l: {**v, "params": ae_params[l]} for l, v in variables.items()}
             mp = {"vars": merged, "active": active}
             cache = method.init(cfg, tokens.shape[0], tokens.shape[1])
@@ -354,12 +372,18 @@ class Trainer:
             l1 = sum(cache.layers[int(l)]["l1"] for l in variables)
             reuse_l1 = sum((st["reuse_l1"] for st in cache.layers if "reuse_l1" in st), jnp.float32(0))
             stats = {l: cache.layers[int(l)]["batch_stats"] for l in variables}
-            return ce + w * l1 + wr * reuse_l1, (ce, l1, reuse_l1, stats)
+            fit = token_kl(teacher, logits) if kl else ce
+            return fit + w * l1 + wr * reuse_l1, (ce, l1, reuse_l1, stats)
 
         def step(variables, opt_state, params, tokens, active):
             ae_params = {l: v["params"] for l, v in variables.items()}
+            teacher = None
+            if kl:  # the frozen model's own predictions through a dense cache
+                dense = Dense(dtype=self.tc.dtype)
+                teacher, _ = forward(params, cfg, tokens, dense.init(cfg, *tokens.shape), dense)
+                teacher = jax.lax.stop_gradient(teacher)
             (loss, (ce, l1, reuse_l1, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                ae_params, variables, params, tokens, active)
+                ae_params, variables, params, tokens, active, teacher)
             updates, opt_state = tx.update(grads, opt_state, ae_params)
             ae_params = optax.apply_updates(ae_params, updates)
             new_vars = {l: {**variables[l], "params": ae_params[l],
@@ -371,7 +395,6 @@ class Trainer:
     def evaluate(self, variables) -> dict:
         """Held-back perplexity through the real compressed cache (folded coders), and dense (measured once)."""
         from eval.perplexity import perplexity
-        from kvjax.cache.dense import Dense
 
         ids = self.eval_windows.reshape(-1)  # contiguous windows: re-windowing gives the same ones
 
@@ -511,6 +534,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr2", type=float, default=1e-4)
     ap.add_argument("--l1-weight", type=float, default=0.01)
+    ap.add_argument("--loss", default="ce", choices=list(LOSSES),
+                    help="ce: next-token cross-entropy on the training text (the paper's); kl: distil the dense "
+                         "model's predictions (keeps the model, does not adapt it to the training text)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -540,7 +566,7 @@ def main(argv=None):
                      steps2=args.steps2, stage2_train=args.stage2_train, batch=args.batch, context=args.context,
                      lr=args.lr, lr2=args.lr2, l1_weight=args.l1_weight, eval_every=args.eval_every,
                      save_every=args.save_every, seed=args.seed, dtype=args.dtype, reuse_mode=args.reuse_mode,
-                     reuse_l1=args.reuse_l1, init_from=args.init_from)
+                     reuse_l1=args.reuse_l1, init_from=args.init_from, loss=args.loss)
     model = load(args.model)
     if args.reuse_plan:
         from kvjax.reuse import load_plan

@@ -81,12 +81,13 @@ for step in "$@"; do
           python3 -m eval.perplexity --compressor runs/reuse/ft-$name/compressor --dataset $ds --batch 64 \
             --json $OUT/ft-$name-$ds.json --no-progress 2>&1 | tail -1; done; done ;;
     qat)  # issue 7: quantization-aware KV-CAR coders, trained on wiki.valid; QAT_SPECS entries dtype:group:lr2:steps
-          # (int2 g48 = 8x vs bf16, int4 g32 = 4.3x); copied to results/compressors (the grids' paths) and into $OUT/qat.tar
+          # (int2 g48 = 8x vs bf16, int4 g32 = 4.3x), loss QAT_LOSS (ce or kl), names tagged QAT_TAG,
+          # QAT_INIT: a compressor to continue from; copied to results/compressors (the grids' paths) and into $OUT/qat.tar
       export PYTHONPATH=/tmp/site:$PWD
       for spec in ${QAT_SPECS:-int2:48:1e-3:400 int4:32:1e-4:400}; do
         IFS=: read dt g lr n <<< "$spec"; name=smollm2-k96v192-$dt-g$g-qat${QAT_TAG:-}
         python3 -m train.autoencoder --latent 96 --latent-v 192 --latent-dtype $dt --latent-group $g --save-dtype float16 \
-          --steps2 $n --lr2 $lr --no-progress --out runs/qat/$name 2>&1 | grep -E "held-back|wrote|Error"
+          --steps2 $n --lr2 $lr --loss ${QAT_LOSS:-ce} ${QAT_INIT:+--init-from $QAT_INIT} --no-progress --out runs/qat/$name 2>&1 | grep -E "held-back|wrote|Error"
         cp -r runs/qat/$name/compressor results/compressors/$name && cp runs/qat/$name/history.json $OUT/$name-history.json
         tar -C results/compressors -rf $OUT/qat.tar $name
       done ;;
