@@ -11,7 +11,8 @@ The grid is a JSON file::
         {"task": "zeroshot", "name": "piqa", "limit": 500},
         {"task": "capacity", "memory_gb": 80, "seq_len": 4096, "batch": 64}
       ],
-      "external": ["results/peers/kvpress.json"]
+      "external": ["results/peers/kvpress.json"],
+      "plot": {"groups": {"trained on the test domain": ["ae32"]}, "off_front": ["trained on the test domain"]}
     }
 
 Perplexity tasks take the keyword arguments of :func:`eval.perplexity.perplexity` plus ``dataset`` /
@@ -30,6 +31,12 @@ for the perplexity plot ``ppl`` and ``kv_saved``; where a row and the task's own
 ``dataset``, ``protocol``, ``context``, ``prefix`` or ``tokens`` (the number of scored tokens) those must be
 equal for the point to join the task's table and plot (a comparison is fair only under the same protocol and
 tokens).
+
+``plot`` (optional, outside the cells' specifications, so changing it re-draws without re-running):
+``groups`` names sets of method labels that the perplexity plots draw in their own colour and legend entry;
+the points of the groups listed in ``off_front`` (a list, or ``{dataset: list}`` for some datasets' plots only)
+are drawn hollow and left out of the Pareto front (e.g. coders whose training text adapts the model to the
+test corpus).
 
 Command line::
 
@@ -318,6 +325,26 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def plot_groups(grid: dict, dataset: str | None = None) -> tuple[dict, set]:
+    """({method label: group name}, {groups left off the Pareto front of ``dataset``'s plot}) from the grid's
+    optional ``plot``."""
+    cfg = grid.get("plot") or {}
+    groups = cfg.get("groups") or {}
+    off_cfg = cfg.get("off_front") or []
+    listed = set(off_cfg) if isinstance(off_cfg, list) else {g for v in off_cfg.values() for g in v}
+    off = set(off_cfg) if isinstance(off_cfg, list) else set(off_cfg.get(dataset, []))
+    if listed - set(groups):
+        raise ValueError(f"grid plot.off_front names groups that plot.groups does not define: "
+                         f"{sorted(listed - set(groups))}")
+    return {str(label): g for g, labels in groups.items() for label in labels}, off
+
+
+def front_of(rows: list[dict], pts: list[tuple[float, float]], group_of: dict, off_front: set) -> list[int]:
+    """Indices into ``rows`` of the Pareto front over the rows whose group is not in ``off_front``."""
+    on = [i for i, r in enumerate(rows) if group_of.get(str(r["label"])) not in off_front]
+    return [on[k] for k in pareto_front([pts[i] for i in on])]
+
+
 def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -333,11 +360,24 @@ def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Pa
         if not rows:
             continue
         pts = [(float(r["kv_saved"]), float(r["ppl"])) for r in rows]
-        front = pareto_front(pts)
+        group_of, off_front = plot_groups(results.get("grid") or {}, task.get("dataset") or rows[0].get("dataset"))
+        front = front_of(rows, pts, group_of, off_front)
         libs = sorted({r["library"] for r in rows}, key=lambda x: (x != "kvjax", x))
         fig, ax = plt.subplots(figsize=(8, 5))
+        for gi, group in enumerate(sorted({group_of[str(r["label"])] for r in rows if str(r["label"]) in group_of})):
+            idx = [i for i, r in enumerate(rows) if group_of.get(str(r["label"])) == group]
+            colour = plt.get_cmap("Dark2")(gi % 8)
+            off = group in off_front
+            ax.scatter([100 * pts[i][0] for i in idx], [pts[i][1] for i in idx], marker="o", zorder=3,
+                       facecolors="none" if off else colour, edgecolors=colour,
+                       label=group + (" (off the front)" if off else ""))
+            for i in idx:
+                ax.annotate(str(rows[i]["label"])[:34], (100 * pts[i][0], pts[i][1]), fontsize=7, color=colour,
+                            xytext=(3, 3), textcoords="offset points")
         for li, lib in enumerate(libs):
-            idx = [i for i, r in enumerate(rows) if r["library"] == lib]
+            idx = [i for i, r in enumerate(rows) if r["library"] == lib and str(r["label"]) not in group_of]
+            if not idx:
+                continue
             ax.scatter([100 * pts[i][0] for i in idx], [pts[i][1] for i in idx], marker=markers[li % len(markers)],
                        label=lib, zorder=3)
             families: dict = {}  # a peer method at several ratios: one line, named in the legend

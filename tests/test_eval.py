@@ -465,3 +465,21 @@ def test_pareto_front_drops_dominated_points():
 
     pts = [(0.0, 30.0), (50.0, 29.0), (60.0, 35.0), (70.0, 31.0), (70.0, 40.0), (80.0, 50.0)]
     assert sorted(pareto_front(pts)) == [1, 3, 5]  # (0, 30) is beaten by (50, 29); (60, 35) by (70, 31)
+
+
+def test_plot_groups_colour_points_and_keep_adapted_ones_off_the_front():
+    from eval.report import front_of, plot_groups
+
+    grid = {"plot": {"groups": {"adapted": ["ae-ce"], "kl": ["ae-kl"]}, "off_front": ["adapted"]}}
+    group_of, off = plot_groups(grid)
+    assert group_of == {"ae-ce": "adapted", "ae-kl": "kl"} and off == {"adapted"}
+    rows = [{"label": "dense"}, {"label": "ae-ce"}, {"label": "ae-kl"}, {"label": "int4"}]
+    pts = [(0.0, 30.0), (0.8, 20.0), (0.8, 30.5), (0.7, 31.0)]
+    assert front_of(rows, pts, group_of, off) == [0, 2]  # ae-ce would dominate everything, but is off the front
+    assert front_of(rows, pts, {}, set()) == [1]
+    per_dataset = {"plot": {"groups": grid["plot"]["groups"], "off_front": {"wikitext2": ["adapted"]}}}
+    assert plot_groups(per_dataset, "wikitext2")[1] == {"adapted"} and plot_groups(per_dataset, "c4")[1] == set()
+    with pytest.raises(ValueError, match="typo"):
+        plot_groups({"plot": {"groups": {}, "off_front": ["typo"]}})
+    with pytest.raises(ValueError, match="typo"):
+        plot_groups({"plot": {"groups": {}, "off_front": {"c4": ["typo"]}}})
