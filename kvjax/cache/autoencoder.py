@@ -197,7 +197,9 @@ class Autoencoder(CacheMethod):
 
     def attend_latents(self, cfg, state, p, q, positions):
         """One decode step of q: [B, 1, H, D] over the latents in ``state`` (a compressed layer's state),
-        decoded by the coders ``p`` (one layer's), through the fused kernel. Returns [B, 1, H, D]."""
+        decoded by the coders ``p`` (one layer's), through the fused kernel (``kernel="auto"``: or, for wide
+        linear latents with keys stored after RoPE, attention in latent space in XLA, which is faster there;
+        see ``pallas_kernels.decompress_attention.api``). Returns [B, 1, H, D]."""
         from pallas_kernels.decompress_attention.api import decompress_attend
 
         quant = {}
@@ -206,7 +208,7 @@ class Autoencoder(CacheMethod):
                      "v_scale": state["v_scale"], "v_min": state["v_min"]}
         out = decompress_attend(q[:, 0], state["k"], state["v"], positions[:, 0] + 1, p["k_dec"], p["v_dec"],
                                 pre_rope=self.pre_rope and cfg.uses_rope, rope_theta=cfg.rope_theta,
-                                implementation="pallas", **quant)
+                                implementation=None if self.kernel == "auto" else "pallas", **quant)
         return out[:, None].astype(q.dtype)
 
     def decode(self, cfg, p, zk, zv):

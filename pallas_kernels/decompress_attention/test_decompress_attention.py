@@ -190,8 +190,21 @@ class DecompressAttentionTestBase:
         case = CASES[name]
         q, zk, zv, lengths, k_dec, v_dec, quant = make_inputs(case, _seed(name))
         want = _reference(q, zk, zv, lengths, k_dec, v_dec, **quant)
-        got = api.decompress_attend_xla_absorbed(q, zk, zv, lengths, k_dec, v_dec, **quant)
+        got = api.decompress_attend(q, zk, zv, lengths, k_dec, v_dec, implementation="xla_absorbed", **quant)
         _assert_close(got, want, _tolerance(case), name)
+        prerope = CASES["d128_k1_g4_linear_prerope_bf16"]
+        q, zk, zv, lengths, k_dec, v_dec, quant = make_inputs(prerope, 0)
+        with self.assertRaisesRegex(ValueError, "pre_rope=True"):
+            api.decompress_attend(q, zk, zv, lengths, k_dec, v_dec, pre_rope=True, implementation="xla_absorbed")
+
+    def test_default_implementation_follows_the_measured_crossover(self):
+        lin, mlp = [{"w": 0}], [{"w": 0}, {"w": 0}]
+        choose = api.choose_implementation
+        self.assertEqual(choose(lin, lin, False, 4096, gpu=True), "xla_absorbed")  # Llama-7B-like latents
+        self.assertEqual(choose(lin, lin, False, 192, gpu=True), "pallas")  # SmolLM2-like latents
+        self.assertEqual(choose(lin, lin, True, 4096, gpu=True), "pallas")  # keys stored before RoPE
+        self.assertEqual(choose(mlp, mlp, False, 4096, gpu=True), "pallas")  # nonlinear decoders
+        self.assertEqual(choose(lin, lin, False, 4096, gpu=False), "xla")
 
     def test_dense_attend(self):
         b, s, kvh, g, d = 2, 50, 2, 3, 64
