@@ -363,7 +363,7 @@ def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Pa
         group_of, off_front = plot_groups(results.get("grid") or {}, task.get("dataset") or rows[0].get("dataset"))
         front = front_of(rows, pts, group_of, off_front)
         libs = sorted({r["library"] for r in rows}, key=lambda x: (x != "kvjax", x))
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig, ax = plt.subplots(figsize=(11, 5.5))
         for gi, group in enumerate(sorted({group_of[str(r["label"])] for r in rows if str(r["label"]) in group_of})):
             idx = [i for i, r in enumerate(rows) if group_of.get(str(r["label"])) == group]
             colour = plt.get_cmap("Dark2")(gi % 8)
@@ -408,7 +408,7 @@ def plot(results: dict, tasks: list[dict], out: pathlib.Path) -> list[pathlib.Pa
         ax.set_title(f"{rows[0].get('dataset', task.get('dataset', ''))} · {g['protocol']} ctx={g['context']}"
                      + (f" prefix={g['prefix']}" if g["prefix"] else "") + f"\n{stamp}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the points
         fig.tight_layout()
         name = out / f"ppl_vs_saved_{task_slug(task)}.png"
         fig.savefig(name, dpi=120)
