@@ -53,6 +53,10 @@ for step in "$@"; do
     kernels2)
       export PYTHONPATH=$PWD
       python3 -m pallas_kernels.decompress_attention.bench --layers llama7b --time-budget-s 480 --out $OUT/kernels_llama7b 2>&1 | tail -60 ;;
+    kerneltests)  # issue 6: both kernel suites compiled on the GPU (the same cases CI interprets on CPU)
+      export PYTHONPATH=$PWD
+      python3 -m unittest -v pallas_kernels.decompress_attention.test_decompress_attention \
+        pallas_kernels.decode_attention.test_decode_attention > $OUT/kernel_tests.log 2>&1; tail -4 $OUT/kernel_tests.log ;;
     decodeattn)  # issue 2: kvjax's dense decode kernel (head-major cache): GPU tests, tiling sweep, vs XLA
       export PYTHONPATH=$PWD
       python3 -m unittest pallas_kernels.decode_attention.test_decode_attention 2>&1 | tail -4
