@@ -35,7 +35,8 @@ def ae_params(cfg, latent, latent_v=0, hidden=0):
 # function of the model config
 TABLE = {
     "dense": ({"dtype": "float32"}, {"dtype": "bfloat16"}, None),
-    "autoencoder": ({"latent": 12, "latent_v": 16}, {"latent": 4, "hidden": 8, "latent_dtype": "int8"},
+    "autoencoder": ({"latent": 12, "latent_v": 16},
+                    {"latent": 4, "hidden": 8, "latent_dtype": "int2", "latent_group": 2},
                     lambda cfg, s: ae_params(cfg, s["latent"], s.get("latent_v", 0), s.get("hidden", 0))),
     "quantized": ({"bits": 8}, {"bits": 4, "group": 4}, None),
     # hard: an autoencoder inner in latent mode, layer 2 decoding layer 0's int8 latents along the chain
