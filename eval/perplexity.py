@@ -99,7 +99,7 @@ def plan_windows(n_tokens: int, context: int, stride: int | None = None, protoco
 def cache_len(method, context: int, prefix: int = 0) -> int:
     """max_len of the cache a window runs through: the window, or for an eviction method under the
     continue protocol the prefix it compresses (its slots are what the prefix keeps)."""
-    return prefix if prefix and not method.write_then_read else context
+    return prefix if prefix and method.fixed_capacity else context
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "prefix", "chunk"))
@@ -159,8 +159,9 @@ def perplexity(model, token_ids, method=None, mparams=None, *, context: int = 51
         if protocol != "full" or not 1 <= chunk < context or context % chunk:
             raise ValueError(f"chunk={chunk} needs protocol full and a divisor of context={context} below it")
     elif protocol == "full" and not method.write_then_read:
-        raise ValueError(f"{method.name} evicts at the end of each forward, so one prefill per window scores "
-                         f"nothing compressed: use protocol continue with a prefix, or protocol full with a chunk")
+        raise ValueError(f"{method.name} attends the tokens of a forward exactly and compresses them for later "
+                         f"calls, so one prefill per window scores nothing compressed: use protocol continue with "
+                         f"a prefix, protocol decode, or protocol full with a chunk")
     method.validate(cfg, mparams)
 
     t0 = time.perf_counter()

@@ -74,19 +74,45 @@ def _score(params, mparams, inputs, targets, weights, seq_lens, *, cfg, method):
     return picked * weights, jnp.all(hit, axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "method"))
+def _score_two_phase(params, mparams, head, head_lens, tail, targets, weights, tail_lens, *, cfg, method):
+    """For methods that attend a call's own tokens exactly (eviction, MiniCache: ``write_then_read`` False):
+    the context but its last token in one prefill (compressed at its end, as kvpress compresses a prompt),
+    then the last context token and the continuation but its last token in a second call over that cache,
+    whose predictions are the scored ones. head [B, Th], tail/targets/weights [B, Tt], lengths [B]."""
+    b = head.shape[0]
+    cache = method.init(cfg, b, head.shape[1] + tail.shape[1], mparams)
+    _, cache = forward(params, cfg, head, cache, method, mparams, seq_lens=head_lens)
+    logits, _ = forward(params, cfg, tail, cache, method, mparams, seq_lens=tail_lens)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    hit = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
+    return picked * weights, jnp.all(hit, axis=1)
+
+
+def check_two_phase(method):
+    """Refuses what zero-shot through a prefix-compressing method cannot measure fairly."""
+    if method.fixed_capacity and getattr(method, "ratio", 0) and not getattr(method, "per_row", False):
+        raise ValueError(f"{method.name} ratio={method.ratio}: zero-shot requests differ in length; set "
+                         f"per_row=true so that each request keeps int(n * (1 - ratio)) of its own tokens "
+                         f"(kvpress's count) instead of a share of the longest request in its batch")
+
+
 def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], method=None, mparams=None, *,
                    batch: int = 16, bucket: int = 32, progress: bool = False, devices=None):
     """Scores token-level requests ``(context_ids, continuation_ids)``.
 
     Returns (logprob float64 [N], n_scored int [N], greedy bool [N]) in the order of ``requests``.
     A request longer than the model's max_seq_len (context + continuation - 1 tokens read) is an error.
+    Methods with ``write_then_read`` False (eviction, MiniCache) score in two calls per batch
+    (:func:`_score_two_phase`): the context is compressed before the continuation reads it.
     """
     m = Model.of(model)
     cfg = m.cfg
     method = Dense() if method is None else method
-    if not method.write_then_read:
-        raise ValueError(f"{method.name} evicts at the end of a forward: one prefill per request would score "
-                         f"nothing compressed (zero-shot through eviction is not implemented)")
+    two_phase = not method.write_then_read
+    if two_phase:
+        check_two_phase(method)
     method.validate(cfg, mparams)
     n = len(requests)
     lens = np.array([len(c) + len(x) - 1 for c, x in requests], np.int64)
@@ -98,6 +124,9 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
                              f"{cfg.max_seq_len}")
         if min(min(c), min(x)) < 0 or max(max(c), max(x)) >= cfg.vocab_size:
             raise ValueError(f"request {i} has token ids outside the vocabulary [0, {cfg.vocab_size})")
+        if two_phase and len(c) < 2:
+            raise ValueError(f"request {i}: zero-shot through {method.name} compresses the context but its last "
+                             f"token, so it needs at least 2 context tokens (got {len(c)})")
     batcher = Batcher(batch, devices)
     bsz = batcher.batch
     params, mp = batcher.params(m.params), batcher.params(mparams)
@@ -109,6 +138,12 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     bar = tqdm(total=n, unit="req", desc=f"zeroshot {method.name}", disable=not progress, file=sys.stderr)
     for i in range(0, n, bsz):
         idx = order[i: i + bsz]
+        if two_phase:
+            lp, gr = _two_phase_batch(params, mp, [requests[j] for j in idx], bsz, bucket, cfg, method, batcher)
+            logprob[idx] = lp[: len(idx)]
+            greedy[idx] = gr[: len(idx)]
+            bar.update(len(idx))
+            continue
         t = min(-(-int(lens[idx].max()) // bucket) * bucket, cfg.max_seq_len)
         inputs = np.zeros((bsz, t), np.int32)
         targets = np.zeros((bsz, t), np.int32)
@@ -130,6 +165,31 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
         bar.update(len(idx))
     bar.close()
     return logprob, n_scored, greedy
+
+
+def _two_phase_batch(params, mp, reqs, bsz, bucket, cfg, method, batcher):
+    """One padded batch of :func:`_score_two_phase`: (summed logprob [bsz] float64, greedy [bsz] bool)."""
+    def up(n):
+        return -(-n // bucket) * bucket
+
+    th, tt = max(len(c) - 1 for c, _ in reqs), max(len(x) for _, x in reqs)
+    if up(th) + up(tt) <= cfg.max_seq_len:  # padded to buckets: fewer shapes to compile
+        th, tt = up(th), up(tt)
+    head = np.zeros((bsz, th), np.int32)
+    tail = np.zeros((bsz, tt), np.int32)
+    targets = np.zeros((bsz, tt), np.int32)
+    weights = np.zeros((bsz, tt), np.float32)
+    head_lens = np.ones((bsz,), np.int32)  # pad rows: one token, unscored
+    tail_lens = np.ones((bsz,), np.int32)
+    for r, (ctx, cont) in enumerate(reqs):
+        head[r, :len(ctx) - 1] = ctx[:-1]
+        tail[r, :len(cont)] = [ctx[-1]] + list(cont[:-1])
+        targets[r, :len(cont)] = cont
+        weights[r, :len(cont)] = 1.0
+        head_lens[r], tail_lens[r] = len(ctx) - 1, len(cont)
+    lp, gr = _score_two_phase(params, mp, *batcher.shard((head, head_lens, tail, targets, weights, tail_lens)),
+                              cfg=cfg, method=method)
+    return np.asarray(lp, np.float64).sum(axis=1), np.asarray(gr)
 
 
 def mean_request_tokens(reqs) -> int:

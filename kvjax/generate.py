@@ -66,7 +66,7 @@ def prefill(params, cfg: ModelConfig, tokens, cache: Cache, **kwargs):
     cache would otherwise be clamped silently by the slot writes; eviction methods take any length)."""
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"prefill tokens must be [batch, T] with T >= 1, got shape {tuple(tokens.shape)}")
-    if tokens.shape[1] > cache.max_len and kwargs.get("method", Dense()).write_then_read:
+    if tokens.shape[1] > cache.max_len and not kwargs.get("method", Dense()).fixed_capacity:
         raise ValueError(f"prefill of {tokens.shape[1]} tokens does not fit a cache of max_len={cache.max_len}")
     if tokens.shape[0] != cache.batch:
         raise ValueError(f"prefill batch {tokens.shape[0]} != cache batch {cache.batch}")

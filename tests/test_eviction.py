@@ -159,8 +159,12 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="protocol continue"):
         perplexity((params, cfg), np.arange(64) % 90, kvjax.get_method("snapkv", ratio=0.5), context=32)
     from eval.zeroshot import loglikelihoods
-    with pytest.raises(ValueError, match="zero-shot through eviction"):
+    with pytest.raises(ValueError, match="per_row=true"):
         loglikelihoods((params, cfg), [([5, 6], [7])], kvjax.get_method("h2o", ratio=0.5))
+    with pytest.raises(ValueError, match="at least 2 context tokens"):
+        loglikelihoods((params, cfg), [([5], [7])], kvjax.get_method("h2o", ratio=0.5, per_row=True))
+    with pytest.raises(ValueError, match="per_row=true applies a ratio"):
+        kvjax.get_method("snapkv", budget=8, per_row=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,3 +228,43 @@ def test_full_protocol_in_chunks():
     assert ev["kv_cache_bytes_per_window"] == kvjax.get_method("streaming", ratio=0.5).cache_nbytes(cfg, 1, 32)
     with pytest.raises(ValueError, match="chunk=5"):
         perplexity((params, cfg), ids, Dense(), context=32, chunk=5)
+
+
+@pytest.mark.parametrize("spec", ["streaming:ratio=0.5,sinks=1", "h2o:ratio=0.5", "snapkv:ratio=0.5,window=2"])
+def test_per_row_ratio_keeps_a_share_of_each_rows_own_length(spec):
+    """A ragged batch with per_row: each row keeps int(n * (1 - ratio)) of its n tokens, as it would alone
+    in a cache made for exactly its length."""
+    cfg = TINY["llama"]
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    method = kvjax.parse_method(spec + ",per_row=true")
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
+    lens = jnp.asarray([12, 6], jnp.int32)
+    _, cache = prefill(params, cfg, tokens, method.init(cfg, 2, 12), method=method, seq_lens=lens)
+    for row, n in enumerate([12, 6]):
+        kept = np.asarray(cache.layers[0]["pos"][row] < EMPTY).sum(axis=0)  # per kv head
+        assert (kept == int(n * 0.5)).all(), (row, kept)
+        alone_m = kvjax.parse_method(spec)
+        _, alone = prefill(params, cfg, tokens[row:row + 1, :n], alone_m.init(cfg, 1, n), method=alone_m)
+        for layer in range(cfg.n_layers):
+            got = np.sort(np.asarray(cache.layers[layer]["pos"][row]), axis=0)[: int(n * 0.5)]
+            want = np.sort(np.asarray(alone.layers[layer]["pos"][0]), axis=0)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_zero_shot_compresses_the_context_before_the_continuation_reads_it():
+    from eval.zeroshot import loglikelihoods
+
+    cfg = TINY["llama"]
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.5)
+    rng = np.random.default_rng(0)
+    reqs = [(list(rng.integers(0, cfg.vocab_size, n)), list(rng.integers(0, cfg.vocab_size, m)))
+            for n, m in ((20, 3), (9, 1), (14, 5))]
+    dense, _, _ = loglikelihoods((params, cfg), reqs, batch=2, bucket=8)
+    keep_all, _, _ = loglikelihoods((params, cfg), reqs, kvjax.parse_method("snapkv:budget=64"), batch=2, bucket=8)
+    np.testing.assert_allclose(keep_all, dense, rtol=1e-4, atol=1e-4)  # nothing evicted: the dense scores
+    half, _, _ = loglikelihoods((params, cfg), reqs, kvjax.parse_method("snapkv:ratio=0.75,window=2,per_row=true"),
+                                batch=2, bucket=8)
+    assert np.isfinite(half).all() and np.abs(half - dense).max() > 1e-3  # the continuation read less
+    merged, _, _ = loglikelihoods((params, cfg), reqs, kvjax.parse_method("minicache:start=0,retain=0"),
+                                  batch=2, bucket=8)
+    assert np.isfinite(merged).all() and np.abs(merged - dense).max() > 1e-3

@@ -84,6 +84,9 @@ for step in "$@"; do
         for ds in wikitext2 c4; do
           python3 -m eval.perplexity --compressor runs/reuse/ft-$name/compressor --dataset $ds --batch 64 \
             --json $OUT/ft-$name-$ds.json --no-progress 2>&1 | tail -1; done; done ;;
+    zsevict)  # issue 7: PIQA / Winogrande through eviction (per-row ratios) and MiniCache, context compressed first
+      timeout ${REPORT_S:-560} python3 -m eval.report --grid results/smollm2/grid-zeroshot-evict.json --out results/smollm2/zeroshot-evict 2>&1 | grep -v -E "slow_operation|Constant folding|^$" | grep -E "done in|failed|cells" | tail -30
+      tar -cf $OUT/zsevict.tar results/smollm2/zeroshot-evict ;;
     qat)  # issue 7: quantization-aware KV-CAR coders, trained on wiki.valid; QAT_SPECS entries dtype:group:lr2:steps
           # (int2 g48 = 8x vs bf16, int4 g32 = 4.3x), loss QAT_LOSS (ce or kl), names tagged QAT_TAG,
           # QAT_INIT: a compressor to continue from; copied to results/compressors (the grids' paths) and into $OUT/qat.tar

@@ -88,9 +88,13 @@ class CacheMethod:
 
     name: ClassVar[str] = "base"
     # True when attention reads back exactly what was written, so one prefill over T tokens equals T
-    # decode steps. False for order-dependent methods (eviction): a prefill attends within its chunk
-    # exactly and compresses at its end, token-by-token decoding evicts at every step.
+    # decode steps. False for order-dependent methods (eviction, MiniCache): a call attends its own
+    # tokens exactly and only later calls read their stored form, so evaluators must compress a prefix
+    # first (perplexity --protocol continue / decode; zero-shot in two calls).
     write_then_read: ClassVar[bool] = True
+    # True when the cache holds a fixed number of slots and accepts any number of tokens (eviction):
+    # evaluators size it by the prefix it compresses.
+    fixed_capacity: ClassVar[bool] = False
 
     # --- lifecycle --------------------------------------------------------------------------------
     def init(self, cfg: ModelConfig, batch: int, max_len: int, params: Params = None) -> Cache:

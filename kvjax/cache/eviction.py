@@ -21,7 +21,10 @@ Memory. Every layer's state holds ``C`` slots per (sequence, kv head), C = the c
 
 C is ``min(budget, max_len)``, or ``int(max_len * (1 - ratio))``: ``ratio`` is the share of a
 ``max_len``-token context that is evicted (kvpress's ``compression_ratio``, which keeps
-``int(n * (1 - ratio))`` of an n-token prompt). Positions and scores are real memory and are counted in
+``int(n * (1 - ratio))`` of an n-token prompt). With ``per_row=true`` the ratio applies to each row's own
+length: after a call, a row that has seen n tokens keeps at most ``int(n * (1 - ratio))`` of them (at least
+the policy's minimum, at most C); the other slots are freed. That is kvpress's count for a batch of prompts
+of different lengths (zero-shot scoring), where C alone would compress short prompts less. Positions and scores are real memory and are counted in
 ``cache_nbytes``. Keys are stored after RoPE with their positions, so attention masks causally by position
 (slot order is irrelevant) and a kept key keeps its rotation.
 
@@ -88,11 +91,13 @@ class Eviction(CacheMethod):
     budget: slots per (sequence, kv head), instead of ``ratio`` (capacity ``min(budget, max_len)``);
     bits:   0 keeps K/V in ``dtype``; 8 or 4 stores the kept tokens quantized (per-group fp16 scale and min);
     group:  values per quantization group (0: the whole head vector);
-    dtype:  storage dtype of K/V when ``bits`` is 0, and the dtype they are read in.
+    dtype:  storage dtype of K/V when ``bits`` is 0, and the dtype they are read in;
+    per_row: ``ratio`` of each row's own length instead of ``max_len`` (see the module docstring).
     """
 
     name: ClassVar[str] = "eviction"
     write_then_read: ClassVar[bool] = False
+    fixed_capacity: ClassVar[bool] = True
     keeps_scores: ClassVar[bool] = False  # an accumulated score per slot is part of the state
 
     ratio: float = 0.0
@@ -100,9 +105,12 @@ class Eviction(CacheMethod):
     bits: int = 0
     group: int = 0
     dtype: str = "float32"
+    per_row: bool = False
 
     def __post_init__(self):
         n = self.name
+        if self.per_row and not self.ratio:
+            raise ValueError(f"{n} per_row=true applies a ratio to each row's length: set ratio > 0")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"{n} ratio={self.ratio}: the share of the context evicted must be in [0, 1)")
         if self.budget < 0:
@@ -130,6 +138,14 @@ class Eviction(CacheMethod):
 
     def min_capacity(self) -> int:
         return 1
+
+    def row_capacity(self, last, c: int):
+        """Slots each row may keep after a call: [B] int32. ``last`` [B]: the row's last position (it has
+        seen ``last + 1`` tokens); C for every row unless ``per_row``."""
+        if not self.per_row:
+            return jnp.full(last.shape, c, jnp.int32)
+        keep = jnp.floor((last + 1).astype(jnp.float32) * (1.0 - self.ratio)).astype(jnp.int32)
+        return jnp.clip(keep, min(self.min_capacity(), c), c)
 
     def validate(self, cfg, params):
         if self.bits:
@@ -191,13 +207,14 @@ class Eviction(CacheMethod):
         raise NotImplementedError(f"{self.name} stores what attention selects: call write_attend")
 
     # ------------------------------------------------------------------ the step
-    def scores(self, probs, q_valid, pos, last, state):
+    def scores(self, probs, q_valid, pos, last, state, cap):
         """The policy: float32 [B, S, K] (higher is kept) over the S = C + T candidates.
 
         probs: [B, K, G, T, S] attention of the chunk's queries; q_valid: [B, T] real queries;
         pos: [B, S, K] candidate positions (EMPTY for none); last: [B] the last real position after the
-        chunk; state: the layer's state before the chunk. Candidates scoring ``_PROTECT + position`` are
-        kept first, newest first. Returns (scores, new per-slot score or None)."""
+        chunk; state: the layer's state before the chunk; cap: [B] slots each row keeps
+        (:meth:`row_capacity`). Candidates scoring ``_PROTECT + position`` are kept first, newest first.
+        Returns (scores, new per-slot score or None)."""
         raise NotImplementedError
 
     def write_attend(self, params, cfg, cache, layer, q, k, v, positions, seq_lens=None):
@@ -219,11 +236,13 @@ class Eviction(CacheMethod):
         out = attend_values(probs, vals).reshape(b, t, h, d).astype(q.dtype)
 
         last = positions[:, 0] + seq_lens - 1  # [B]
-        score, slot_score = self.scores(probs, q_valid, pos, last, state)
-        score = jnp.where(pos == EMPTY, -jnp.inf, score)
         c = state["pos"].shape[1]
-        idx = jnp.swapaxes(jax.lax.top_k(jnp.swapaxes(score, 1, 2), c)[1], 1, 2)  # [B, C, K]
-        new = {"pos": _take(pos, idx)}
+        cap = self.row_capacity(last, c)
+        score, slot_score = self.scores(probs, q_valid, pos, last, state, cap)
+        score = jnp.where(pos == EMPTY, -jnp.inf, score)
+        idx = jnp.swapaxes(jax.lax.top_k(jnp.swapaxes(score, 1, 2), c)[1], 1, 2)  # [B, C, K], best first
+        kept = jnp.arange(c)[None, :, None] < cap[:, None, None]  # a row's slots past its capacity are freed
+        new = {"pos": jnp.where(kept, _take(pos, idx), EMPTY)}
         for name, x in (("k", k), ("v", v)):
             for suffix, leaf in self._encode(x).items():
                 new[name + suffix] = _take(jnp.concatenate([state[name + suffix], leaf], axis=1), idx)
@@ -258,7 +277,7 @@ class Streaming(Eviction):
     def min_capacity(self):
         return self.sinks + 1  # room for the sinks and at least the newest token
 
-    def scores(self, probs, q_valid, pos, last, state):
+    def scores(self, probs, q_valid, pos, last, state, cap):
         return _protect(pos.astype(jnp.float32), pos < self.sinks, pos), None
 
 
@@ -281,7 +300,7 @@ class H2O(Eviction):
         if not 0.0 <= self.recent <= 1.0:
             raise ValueError(f"h2o recent={self.recent}: the share of slots kept for recent tokens must be in [0, 1]")
 
-    def scores(self, probs, q_valid, pos, last, state):
+    def scores(self, probs, q_valid, pos, last, state, cap):
         c = state["pos"].shape[1]
         acc = _received(probs, q_valid)
         acc = acc.at[:, :c].add(state["score"])  # [B, S, K] accumulated over every query so far
@@ -289,8 +308,8 @@ class H2O(Eviction):
         if self.normalize:
             seen = jnp.maximum(last[:, None, None] - pos + 1, 1).astype(jnp.float32)
             rank = acc / seen
-        n_recent = int(self.recent * c)
-        return _protect(rank, pos > last[:, None, None] - n_recent, pos), acc
+        n_recent = jnp.floor(self.recent * cap.astype(jnp.float32)).astype(jnp.int32)  # [B]: of each row's slots
+        return _protect(rank, pos > (last - n_recent)[:, None, None], pos), acc
 
 
 @register("snapkv")
@@ -312,7 +331,7 @@ class SnapKV(Eviction):
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"snapkv kernel={self.kernel} must be odd and >= 1")
 
-    def scores(self, probs, q_valid, pos, last, state):
+    def scores(self, probs, q_valid, pos, last, state, cap):
         q_pos = pos[:, state["pos"].shape[1]:, 0]  # [B, T] the chunk's positions (EMPTY on padding)
         observe = q_valid & (q_pos > last[:, None] - self.window)  # [B, T]
         in_window = pos > last[:, None, None] - self.window  # [B, S, K]

@@ -90,6 +90,7 @@ class MiniCache(CacheMethod):
     storage and returned dtype."""
 
     name = "minicache"
+    write_then_read = False  # a call attends its own tokens exactly; later calls read the merged form
     start: int = -1
     t: float = 0.6
     retain: float = 0.05
