@@ -68,6 +68,12 @@ def _score(params, mparams, inputs, targets, weights, seq_lens, *, cfg, method):
     b, t = inputs.shape
     cache = method.init(cfg, b, t, mparams)
     logits, _ = forward(params, cfg, inputs, cache, method, mparams, seq_lens=seq_lens)
+    return _scored(logits, targets, weights)
+
+
+def _scored(logits, targets, weights):
+    """(log-probability of each target where weights is 1, zero elsewhere [B, T]; greedy [B]: every scored
+    target is the argmax)."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     hit = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
@@ -84,10 +90,7 @@ def _score_two_phase(params, mparams, head, head_lens, tail, targets, weights, t
     cache = method.init(cfg, b, head.shape[1] + tail.shape[1], mparams)
     _, cache = forward(params, cfg, head, cache, method, mparams, seq_lens=head_lens)
     logits, _ = forward(params, cfg, tail, cache, method, mparams, seq_lens=tail_lens)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    hit = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
-    return picked * weights, jnp.all(hit, axis=1)
+    return _scored(logits, targets, weights)
 
 
 def check_two_phase(method):
@@ -136,39 +139,36 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     n_scored = np.array([len(x) for _, x in requests], np.int64)
     from tqdm import tqdm
     bar = tqdm(total=n, unit="req", desc=f"zeroshot {method.name}", disable=not progress, file=sys.stderr)
+    score_batch = _two_phase_batch if two_phase else _one_phase_batch
     for i in range(0, n, bsz):
         idx = order[i: i + bsz]
-        if two_phase:
-            lp, gr = _two_phase_batch(params, mp, [requests[j] for j in idx], bsz, bucket, cfg, method, batcher)
-            logprob[idx] = lp[: len(idx)]
-            greedy[idx] = gr[: len(idx)]
-            bar.update(len(idx))
-            continue
-        t = min(-(-int(lens[idx].max()) // bucket) * bucket, cfg.max_seq_len)
-        inputs = np.zeros((bsz, t), np.int32)
-        targets = np.zeros((bsz, t), np.int32)
-        weights = np.zeros((bsz, t), np.float32)
-        seq_lens = np.ones((bsz,), np.int32)
-        for r, j in enumerate(idx):
-            ctx, cont = requests[j]
-            seq = np.asarray(list(ctx) + list(cont), np.int32)
-            L = len(seq) - 1
-            inputs[r, :L] = seq[:-1]
-            targets[r, :L] = seq[1:]
-            weights[r, len(ctx) - 1: L] = 1.0
-            seq_lens[r] = L
-        lp, gr = _score(params, mp, *batcher.shard((inputs, targets, weights, seq_lens)), cfg=cfg, method=method)
-        lp = np.asarray(lp, np.float64).sum(axis=1)
-        gr = np.asarray(gr)
-        logprob[idx] = lp[: len(idx)]
-        greedy[idx] = gr[: len(idx)]
+        lp, gr = score_batch(params, mp, [requests[j] for j in idx], bsz, bucket, cfg, method, batcher)
+        logprob[idx] = np.asarray(lp, np.float64).sum(axis=1)[: len(idx)]
+        greedy[idx] = np.asarray(gr)[: len(idx)]
         bar.update(len(idx))
     bar.close()
     return logprob, n_scored, greedy
 
 
+def _one_phase_batch(params, mp, reqs, bsz, bucket, cfg, method, batcher):
+    """One padded batch of :func:`_score`: (logprob [bsz, T], greedy [bsz])."""
+    t = min(-(-max(len(c) + len(x) - 1 for c, x in reqs) // bucket) * bucket, cfg.max_seq_len)
+    inputs = np.zeros((bsz, t), np.int32)
+    targets = np.zeros((bsz, t), np.int32)
+    weights = np.zeros((bsz, t), np.float32)
+    seq_lens = np.ones((bsz,), np.int32)
+    for r, (ctx, cont) in enumerate(reqs):
+        seq = np.asarray(list(ctx) + list(cont), np.int32)
+        n = len(seq) - 1
+        inputs[r, :n] = seq[:-1]
+        targets[r, :n] = seq[1:]
+        weights[r, len(ctx) - 1: n] = 1.0
+        seq_lens[r] = n
+    return _score(params, mp, *batcher.shard((inputs, targets, weights, seq_lens)), cfg=cfg, method=method)
+
+
 def _two_phase_batch(params, mp, reqs, bsz, bucket, cfg, method, batcher):
-    """One padded batch of :func:`_score_two_phase`: (summed logprob [bsz] float64, greedy [bsz] bool)."""
+    """One padded batch of :func:`_score_two_phase`: (logprob [bsz, Tt], greedy [bsz])."""
     def up(n):
         return -(-n // bucket) * bucket
 
@@ -187,9 +187,8 @@ def _two_phase_batch(params, mp, reqs, bsz, bucket, cfg, method, batcher):
         targets[r, :len(cont)] = cont
         weights[r, :len(cont)] = 1.0
         head_lens[r], tail_lens[r] = len(ctx) - 1, len(cont)
-    lp, gr = _score_two_phase(params, mp, *batcher.shard((head, head_lens, tail, targets, weights, tail_lens)),
-                              cfg=cfg, method=method)
-    return np.asarray(lp, np.float64).sum(axis=1), np.asarray(gr)
+    return _score_two_phase(params, mp, *batcher.shard((head, head_lens, tail, targets, weights, tail_lens)),
+                            cfg=cfg, method=method)
 
 
 def mean_request_tokens(reqs) -> int:
