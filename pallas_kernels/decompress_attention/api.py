@@ -10,7 +10,7 @@ implementation:
                   >= ABSORB_MIN_WIDTH), else "pallas"; "xla" elsewhere. The threshold is measured
                   (results/kernels/sweep-2026-11-25, H100): at Llama-7B shape (latents 2048 + 2048) the
                   absorbed XLA path is 1.6-3.9x faster than the fused kernel, at SmolLM2 shape (96 + 96)
-                  the kernel is 3-27% faster in 14 of 16 cells.
+                  the kernel took 3-27% less time in 14 of 16 cells.
 """
 
 from __future__ import annotations
