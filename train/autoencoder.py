@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kvjax.cache.autoencoder import Autoencoder
+from kvjax.cache.autoencoder import LATENT_DTYPES, Autoencoder
 from kvjax.cache.base import CacheMethod, write_at
 from kvjax.cache.dense import Dense
 from kvjax.cache.reuse import MODES as REUSE_MODES, Reuse
@@ -478,8 +478,7 @@ class Trainer:
 
     def setup_stage(self, stage, variables):
         tx = self.optimizer(stage, {l: v["params"] for l, v in variables.items()})
-        quantized = self.infer_method.storage_dtype in ("int8", "int4", "int2")
-        method = self.quant_method if (stage == 2 and quantized) else self.train_method
+        method = self.quant_method if (stage == 2 and self.infer_method.integer_latents) else self.train_method
         return tx, self.make_step(tx, method)
 
     def init_variables_abstract(self):
@@ -520,7 +519,7 @@ def main(argv=None):
     ap.add_argument("--latent", type=int, default=0, help="latent width (0: half of K*D)")
     ap.add_argument("--latent-v", type=int, default=0, help="latent width of V (0: same as --latent)")
     ap.add_argument("--hidden", type=int, default=0, help="hidden width (0: linear autoencoders)")
-    ap.add_argument("--latent-dtype", default="", choices=["", "bfloat16", "float16", "float32", "int8", "int4", "int2"],
+    ap.add_argument("--latent-dtype", default="", choices=list(LATENT_DTYPES),
                     help="stored latents; int8/int4/int2 train stage 2 through the quantizer (straight-through)")
     ap.add_argument("--latent-group", type=int, default=0,
                     help="int4/int2: latents per float16 scale and minimum (0: the whole latent vector)")

@@ -73,6 +73,11 @@ class Autoencoder(CacheMethod):
         return self.latent_dtype or self.dtype
 
     @property
+    def integer_latents(self) -> bool:
+        """Latents stored as integer codes with scales (int8, int4, int2): training goes through the quantizer."""
+        return bool(self.packed_bits) or self.storage_dtype == "int8"
+
+    @property
     def packed_bits(self) -> int:
         """Bits per latent code when latents are packed below a byte (int4: 4, int2: 2), else 0."""
         return PACKED_BITS.get(self.storage_dtype, 0)
