@@ -57,6 +57,17 @@ for step in "$@"; do
       export PYTHONPATH=$PWD
       python3 -m unittest -v pallas_kernels.decompress_attention.test_decompress_attention \
         pallas_kernels.decode_attention.test_decode_attention > $OUT/kernel_tests.log 2>&1; tail -4 $OUT/kernel_tests.log ;;
+    mosaic)  # issue 6, session 6: the Mosaic GPU kernel compiled (tests), then the SmolLM2 sweep beside XLA and Triton
+      export PYTHONPATH=$PWD
+      python3 -m unittest -v pallas_kernels.decompress_attention.test_decompress_attention.MosaicGpuTest \
+        > $OUT/mosaic_tests.log 2>&1; grep -E "^(test_|Ran|OK|FAILED)|Error" $OUT/mosaic_tests.log | head -30
+      timeout ${MOSAIC_S:-300} python3 -m pallas_kernels.decompress_attention.bench --layers smollm2 \
+        --methods ${MOSAIC_METHODS:-dense_xla,linear_xla_absorbed,linear_fused,linear_mosaic} --out $OUT/mosaic_bench 2>&1 \
+        | grep -E "linear_mosaic|ERROR" ;;
+    mosaicsweep)  # tilings of the Mosaic kernel at two SmolLM2 shapes
+      export PYTHONPATH=$PWD
+      timeout ${MOSAIC_S:-240} python3 -m pallas_kernels.decompress_attention.bench --sweep --methods linear_mosaic \
+        --sweep-shape "${MOSAIC_SHAPES:-smollm2,128,4096;smollm2,8,4096}" --out $OUT/mosaic_sweep 2>&1 | grep -v "^$" ;;
     decodeattn)  # issue 2: kvjax's dense decode kernel (head-major cache): GPU tests, tiling sweep, vs XLA
       export PYTHONPATH=$PWD
       python3 -m unittest pallas_kernels.decode_attention.test_decode_attention 2>&1 | tail -4

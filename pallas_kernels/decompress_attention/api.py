@@ -6,6 +6,9 @@ implementation:
   "pallas"        the fused Pallas kernel (Triton backend; interpreted when not on a GPU).
   "xla"           plain XLA: dequantize, decode every slot, rotate, attend (decode-then-attend).
   "xla_absorbed"  linear decoders with keys stored after RoPE only: XLA attention in latent space.
+  "mosaic"        linear decoders, keys stored after RoPE, bf16/fp16 latents of at most ~224 columns: the
+                  Pallas Mosaic GPU (Hopper) kernel, TMA-pipelined, wgmma in latent space
+                  (``pallas_mosaic``; interpreted by jax's Mosaic GPU interpreter when not on a GPU).
   None            on a GPU, "xla_absorbed" where it applies and the latents are wide (K + V latent
                   >= ABSORB_MIN_WIDTH), else "pallas"; "xla" elsewhere. The threshold is measured
                   (results/kernels/sweep-2026-11-25, H100): at Llama-7B shape (latents 2048 + 2048) the
@@ -23,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decompress_attention import reference
-from pallas_kernels.decompress_attention.config import Config
+from pallas_kernels.decompress_attention.config import Config, MosaicConfig
 
-Implementation = Literal["xla", "xla_absorbed", "pallas"]
+Implementation = Literal["xla", "xla_absorbed", "pallas", "mosaic"]
 ABSORB_MIN_WIDTH = 1024  # K + V latent width from which the absorbed XLA path beats the fused kernel
 
 
@@ -155,7 +158,7 @@ _gqa_xla_jit = jax.jit(_gqa_xla, static_argnames=("layout",))
 # ----------------------------------------------------------------------------------- public API
 def decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_scale=None, k_min=None, v_scale=None,
                       v_min=None, pre_rope: bool = False, rope_theta: float = 10000.0,
-                      implementation: Implementation | None = None, config: Config | None = None,
+                      implementation: Implementation | None = None, config: Config | MosaicConfig | None = None,
                       interpret: bool | None = None):
     """Decode attention of one new token per sequence over the KV-CAR compressed cache of one layer.
 
@@ -165,12 +168,13 @@ def decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_scale=None, k
     ...]`` with LeakyReLU(0.01) between layers, output width K*D head-major. ``pre_rope``: keys were
     stored before RoPE; slot s is rotated by position s after decoding.
 
-    Returns [B, H, D] in q.dtype. ``config`` (Pallas tiling) defaults to ``config.default_config``;
+    Returns [B, H, D] in q.dtype. ``config``: the kernel's tiling, a ``Config`` for "pallas" (default
+    ``config.default_config``) or a ``MosaicConfig`` for "mosaic" (default ``config.default_mosaic_config``);
     ``interpret`` (Pallas) defaults to True off GPU.
     """
     if implementation is None:
         implementation = choose_implementation(k_dec, v_dec, pre_rope, k_lat.shape[-1] + v_lat.shape[-1], on_gpu())
-    implementation, interpret = _resolve(implementation, interpret, ("xla", "xla_absorbed", "pallas"))
+    implementation, interpret = _resolve(implementation, interpret, ("xla", "xla_absorbed", "pallas", "mosaic"))
     quant = dict(k_scale=k_scale, k_min=k_min, v_scale=v_scale, v_min=v_min)
     for side, lat in (("k", k_lat), ("v", v_lat)):
         if not jnp.issubdtype(lat.dtype, jnp.floating) and (quant[side + "_scale"] is None
@@ -184,6 +188,17 @@ def decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_scale=None, k
             raise ValueError("implementation='xla_absorbed' needs linear decoders and keys stored after RoPE "
                              f"(got {len(k_dec)}/{len(v_dec)} decoder layers, pre_rope={pre_rope})")
         return decompress_attend_xla_absorbed(q, k_lat, v_lat, lengths, k_dec, v_dec, **quant)
+    want = {"pallas": Config, "mosaic": MosaicConfig}.get(implementation)
+    if config is not None and (want is None or not isinstance(config, want)):
+        raise ValueError(f"config={config!r} does not fit implementation={implementation!r}"
+                         + (f" (it takes a {want.__name__})" if want else " (it takes none)"))
+    if implementation == "mosaic":
+        from pallas_kernels.decompress_attention import pallas_mosaic
+        why = pallas_mosaic.supported(q, k_lat, v_lat, k_dec, v_dec, pre_rope)
+        if why:
+            raise ValueError(f"implementation='mosaic': {why}")
+        return pallas_mosaic.decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, config=config,
+                                               interpret=interpret)
     from pallas_kernels.decompress_attention import pallas_triton
     return pallas_triton.decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, pre_rope=pre_rope,
                                            rope_theta=rope_theta, config=config, interpret=interpret, **quant)

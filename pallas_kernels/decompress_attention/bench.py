@@ -17,6 +17,10 @@ H=32, latent K*D/2 = 2048, hidden K*D = 4096), B in {1, 8, 32, 128}, S in {1k, 4
   (b) linear_xla         decode-then-attend in XLA, linear decoders, keys post-RoPE
   (b') linear_xla_absorbed  linear decoders absorbed into query/output, attention on latents, XLA
   (d) linear_fused       the fused kernel, linear decoders, attention in latent space
+  (d) linear_mosaic      the Mosaic GPU (Hopper) kernel, linear decoders, attention in latent space (TMA
+                         pipeline, wgmma); latents up to ~224 wide, so SmolLM2-like layers only
+  (d) linear_mosaic_kernel  (``--methods`` only) the Mosaic kernel's share of linear_mosaic: its launch
+                         and one input fusion, without the split combine and the value projection
   (d) linear_rope_fused  (``--methods`` only) linear decoders with pre-RoPE keys: keys decoded on chip
 
 Roofline time = max(bytes / 2.96 TB/s, FLOPs / 989 TFLOP/s) with each method's own minimal bytes (the
@@ -44,7 +48,8 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.decompress_attention import api
-from pallas_kernels.decompress_attention.config import Config, choose_absorption, default_config, next_pow2
+from pallas_kernels.decompress_attention.config import (Config, MosaicConfig, choose_absorption, default_config,
+                                                         default_mosaic_config, next_pow2)
 
 PEAK_BW = 2.96e12  # B/s, measured elementwise copy on the H100 (shared/GPU.md)
 PEAK_FLOPS = 989e12  # FLOP/s, H100 SXM bf16 dense tensor cores
@@ -66,8 +71,8 @@ LAYERS = {
     "llama7b": Layer("llama7b", kv_heads=32, head_dim=128, heads=32, latent=2048, hidden=4096),
 }
 DEFAULT_METHODS = ("dense_xla", "dense_pallas_jax", "mlp_xla", "mlp_fused", "mlp_postrope_fused", "linear_xla",
-                   "linear_xla_absorbed", "linear_fused")
-ALL_METHODS = DEFAULT_METHODS + ("linear_rope_fused",)
+                   "linear_xla_absorbed", "linear_fused", "linear_mosaic")
+ALL_METHODS = DEFAULT_METHODS + ("linear_rope_fused", "linear_mosaic_kernel")
 BF16 = 2
 
 
@@ -159,10 +164,12 @@ def cost(method: str, layer: Layer, b: int, s: int, config: Config | None = None
         temp = dense_set + tokens * k * d * 4 + 2 * scores
         return dict(bytes=latent_set + w_lin + qo, flops=dec_lin + attn, flops_exec=dec_lin + attn,
                     set_bytes=latent_set, temp=temp)
-    if method == "linear_xla_absorbed":
+    if method in ("linear_xla_absorbed", "linear_mosaic", "linear_mosaic_kernel"):
         absorbed = 2 * b * h * s * 2 * lat + 2 * 2 * b * h * d * lat
-        return dict(bytes=latent_set + w_lin + qo, flops=absorbed, flops_exec=absorbed, set_bytes=latent_set,
-                    temp=2 * scores)
+        # the Mosaic kernel runs the scores and values products on 64 query rows (a wgmma tile)
+        exe = absorbed * (1 if method == "linear_xla_absorbed" else 64 / h)
+        return dict(bytes=latent_set + w_lin + qo, flops=absorbed, flops_exec=exe, set_bytes=latent_set,
+                    temp=2 * scores if method == "linear_xla_absorbed" else 0)
     useful, exe = _fused_flops(layer, b, s, method, config)
     weights = w_mlp if FUSED[method][0] == "mlp" else w_lin
     return dict(bytes=latent_set + weights + qo, flops=useful, flops_exec=exe, set_bytes=latent_set, temp=0)
@@ -232,6 +239,21 @@ def make_op(method: str, config: Config | None = None):
                                                                           pre_rope=pre_rope)
     if method == "linear_xla_absorbed":
         return "latent", variant, lambda st, w: api.decompress_attend_xla_absorbed(*args(st), w["k"], w["v"])
+    mcfg = config if isinstance(config, MosaicConfig) else None
+    if method == "linear_mosaic":
+        return "latent", variant, lambda st, w: api.decompress_attend(
+            *args(st), w["k"], w["v"], implementation="mosaic", config=mcfg, interpret=interpret)
+    if method == "linear_mosaic_kernel":
+        from pallas_kernels.decompress_attention import pallas_mosaic
+
+        def kernel_only(st, w):  # queries placed in a [B, 64, Lk] block: one small fusion, then the kernel
+            b, h, d = st["q"].shape
+            q_abs = jnp.zeros((b, pallas_mosaic.ROWS, st["k_lat"].shape[2]), st["k_lat"].dtype)
+            q_abs = q_abs.at[:, :h, :d].set(st["q"].astype(q_abs.dtype))
+            o, _ = pallas_mosaic.latent_attention(q_abs, st["k_lat"], st["v_lat"], st["lengths"], n_heads=h,
+                                                  config=mcfg, interpret=interpret)
+            return o[:, 0, 0]
+        return "latent", variant, kernel_only
     return "latent", variant, lambda st, w: api.decompress_attend(
         *args(st), w["k"], w["v"], pre_rope=pre_rope, implementation="pallas", config=config, interpret=interpret)
 
@@ -304,12 +326,12 @@ def bench(layers, batches, seqs, methods, *, out_dir=None, max_call_s=0.25, rota
                 cached = {}
                 for method in methods:
                     row = dict(layer=layer_name, B=b, S=s, method=method)
-                    c = cost(method, layer, b, s, config)
+                    c = cost(method, layer, b, s, config if isinstance(config, Config) else None)
                     row.update(bytes=c["bytes"], flops=c["flops"], flops_exec=c["flops_exec"],
                                roofline_us=roofline_s(c) * 1e6)
                     # Expected time: fused kernels ran their executed FLOPs at ~10% of peak on the H100
                     # (small per-tile dots), XLA's GEMMs at ~50%.
-                    eff = 0.1 if method in FUSED else 0.5
+                    eff = 0.1 if method in FUSED else 0.3 if method.startswith("linear_mosaic") else 0.5
                     est = max(c["bytes"] / PEAK_BW, c["flops_exec"] / (eff * PEAK_FLOPS))
                     n_sets = int(max(1, min(max_sets, math.ceil(rotate_bytes / max(c["set_bytes"], 1)))))
                     while n_sets > 1 and n_sets * c["set_bytes"] + c["temp"] > mem_limit / 2:
@@ -415,6 +437,11 @@ SWEEP = {
         "linear_fused": _overrides(
             ("block_s", "num_warps", "num_stages", "num_splits"),
             [(64, 4, 2, 4), (64, 4, 3, 4), (64, 4, 2, 2), (128, 4, 3, 2), (128, 8, 3, 1), (64, 8, 4, 4)]),
+        "linear_mosaic": _overrides(
+            ("block_s", "max_concurrent_steps", "num_splits", "p_in_registers"),
+            [(64, 2, 1, True), (64, 2, 2, True), (64, 3, 1, True), (128, 2, 1, True), (128, 3, 1, True),
+             (64, 2, 4, True), (64, 4, 8, True), (64, 2, 16, True), (64, 4, 16, True), (64, 2, 32, True),
+             (64, 2, 1, False), (64, 4, 16, False)]),
     },
     "llama7b": {
         "linear_fused": _overrides(
@@ -426,13 +453,18 @@ SWEEP = {
 }
 
 
-def sweep(layer_name, b, s, out_dir=None):
-    """Times the default config and each override of SWEEP[layer_name] at one shape."""
+def sweep(layer_name, b, s, out_dir=None, methods=None):
+    """Times the default config and each override of SWEEP[layer_name] (``methods``: a subset) at one shape."""
     layer = LAYERS[layer_name]
     rows = []
     meta = None
     for method, overrides in SWEEP[layer_name].items():
-        base = fused_config(layer, b, s, method)
+        if methods and method not in methods:
+            continue
+        if method == "linear_mosaic":
+            base = default_mosaic_config(b, s, latent_k=layer.latent, latent_v=layer.latent)
+        else:
+            base = fused_config(layer, b, s, method)
         for ov in [{}] + overrides:
             try:
                 cfg = base.replace(**ov)
@@ -452,17 +484,18 @@ def sweep(layer_name, b, s, out_dir=None):
 
 
 def check() -> bool:
-    """Runs the compiled test suite (DecompressAttentionGpuTest) and prints pass/fail per test."""
+    """Runs the compiled test suites (Triton and Mosaic GPU kernels) and prints pass/fail per test."""
     import unittest
 
     from pallas_kernels.decompress_attention import test_decompress_attention as t
     if not api.on_gpu():
-        print("check: no GPU, running the interpreter suite instead")
-        cls = t.DecompressAttentionInterpretTest
+        print("check: no GPU, running the interpreter suites instead")
+        classes = (t.DecompressAttentionInterpretTest, t.MosaicInterpretTest)
     else:
-        cls = t.DecompressAttentionGpuTest
+        classes = (t.DecompressAttentionGpuTest, t.MosaicGpuTest)
     suite = unittest.TestSuite()
-    suite.addTests(unittest.defaultTestLoader.loadTestsFromTestCase(cls))
+    for cls in classes:
+        suite.addTests(unittest.defaultTestLoader.loadTestsFromTestCase(cls))
     suite.addTests(unittest.defaultTestLoader.loadTestsFromTestCase(t.ConfigTest))
     result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(suite)
     ok = result.wasSuccessful()
@@ -483,13 +516,16 @@ def main(argv=None):
     p.add_argument("--layers", default="smollm2,llama7b")
     p.add_argument("--batches", default="1,8,32,128")
     p.add_argument("--seqs", default="1024,4096,16384,32768")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"subset of {','.join(ALL_METHODS)}")
+    p.add_argument("--methods", default=None, help=f"subset of {','.join(ALL_METHODS)} (--sweep: of its fused "
+                   "methods; default all)")
     p.add_argument("--max-call-ms", type=float, default=250.0,
                    help="skip a measurement expected to take longer than this per call")
     p.add_argument("--time-budget-s", type=float, default=None, help="stop starting new measurements after this")
     p.add_argument("--sweep-shape", default="smollm2,128,4096;llama7b,8,4096",
                    help="layer,B,S[;layer,B,S...] of --sweep")
     a = p.parse_args(argv)
+    a.methods_given = a.methods is not None
+    a.methods = a.methods or ",".join(DEFAULT_METHODS)
     if a.check:
         ok = check()
         if not (a.sweep or a.out):
@@ -497,7 +533,8 @@ def main(argv=None):
     if a.sweep:
         for shape in a.sweep_shape.split(";"):
             name, b, s = shape.split(",")
-            sweep(name, int(b), int(s), a.out)
+            sweep(name, int(b), int(s), a.out, methods=[m for m in a.methods.split(",") if m] if a.methods_given
+                  else None)
         return
     methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in methods if m not in ALL_METHODS]

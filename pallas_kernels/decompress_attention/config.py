@@ -141,3 +141,76 @@ def default_config(
     return Config(block_s=block_s, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                   block_l=block_l, block_hidden=block_hidden, block_v=block_v, kv_heads_per_program=hpp,
                   absorb_values=values_abs)
+
+
+SMEM_BYTES = 227 * 1024  # shared memory one H100 block may use
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Tiling of one Mosaic GPU ``decompress_attend`` call (``pallas_mosaic``).
+
+    block_s: cache slots per pipeline step (the N of the scores wgmma, the K of the values wgmma).
+    num_splits: splits of S processed by separate programs, combined by log-sum-exp.
+    max_concurrent_steps: TMA pipeline depth (tiles in flight).
+    block_v: value-latent columns per program (<= 256, the widest wgmma N); None = the whole latent.
+    p_in_registers: feed the softmax weights to the values wgmma from registers (False: through shared
+      memory, as jax's Mosaic GPU interpreter always does).
+    """
+
+    block_s: int = 64
+    num_splits: int = 1
+    max_concurrent_steps: int = 2
+    block_v: int | None = None
+    p_in_registers: bool = True
+
+    def __post_init__(self):
+        if self.block_s not in (64, 128, 256):
+            raise ValueError(f"MosaicConfig.block_s={self.block_s!r} must be 64, 128 or 256")
+        if not isinstance(self.num_splits, int) or self.num_splits < 1:
+            raise ValueError(f"MosaicConfig.num_splits={self.num_splits!r} must be a positive int")
+        if not isinstance(self.max_concurrent_steps, int) or not 1 <= self.max_concurrent_steps <= 8:
+            raise ValueError(f"MosaicConfig.max_concurrent_steps={self.max_concurrent_steps!r} must be 1..8")
+        if self.block_v is not None and (not isinstance(self.block_v, int) or self.block_v % 32
+                                         or not 32 <= self.block_v <= 256):
+            raise ValueError(f"MosaicConfig.block_v={self.block_v!r} must be a multiple of 32 in 32..256")
+
+    def smem_bytes(self, *, latent_k: int, latent_v: int, itemsize: int = 2, rows: int = 64) -> int:
+        """Shared memory one program uses: the queries, p, the output staging (float32), the running max
+        and sum, and ``max_concurrent_steps`` key and value tiles."""
+        bv = self.block_v or latent_v
+        tiles = self.max_concurrent_steps * self.block_s * (latent_k + bv) * itemsize
+        return rows * latent_k * itemsize + rows * self.block_s * itemsize + rows * bv * 4 + 2 * rows * 4 + tiles
+
+    def check(self, *, latent_k: int, latent_v: int, itemsize: int = 2) -> None:
+        """Errors that depend on the call's shapes."""
+        bv = self.block_v or latent_v
+        if latent_v % bv or bv > 256:
+            raise ValueError(f"MosaicConfig.block_v={self.block_v!r} must divide the value latent width {latent_v} "
+                             "and be <= 256")
+        need = self.smem_bytes(latent_k=latent_k, latent_v=latent_v, itemsize=itemsize)
+        if need > SMEM_BYTES:
+            raise ValueError(f"{self!r} needs {need} B of shared memory for latents {latent_k}/{latent_v}, over the "
+                             f"H100's {SMEM_BYTES} B: lower max_concurrent_steps, block_s or block_v (a key latent "
+                             "this wide does not fit one program; the absorbed XLA path serves it)")
+
+    def replace(self, **changes) -> "MosaicConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def default_mosaic_config(batch: int, seq_len: int, *, latent_k: int, latent_v: int,
+                          num_sms: int = 132) -> MosaicConfig:
+    """A heuristic Mosaic tiling: the value latent in as few <= 256-wide blocks as divide it, 64-slot tiles
+    two deep (two programs then fit one SM's shared memory at SmolLM2 widths), and splits of S until about
+    one wave of programs covers the machine (>= 4 tiles a split). From the tiling sweep on the H100
+    (results/kernels/mosaic-2026-11-25): pipeline depth 2-4 moved times by under 5%; one wave beat two
+    (B=128 x 4096: 2 splits 109 us, 3 splits 118 us; B=8 x 4096: 8-16 splits 17-19 us, 32 splits 20 us)."""
+    block_v = next((w for w in range(min(latent_v, 256), 31, -32) if latent_v % w == 0), latent_v)
+    programs = batch * (latent_v // block_v)
+    block_s = 64
+    max_splits = max(1, -(-seq_len // (4 * block_s)))
+    num_splits = max(1, min(max_splits, -(-num_sms // programs)))
+    cfg = MosaicConfig(block_s=block_s, num_splits=num_splits, max_concurrent_steps=2, block_v=block_v)
+    if cfg.smem_bytes(latent_k=latent_k, latent_v=latent_v) > SMEM_BYTES:
+        cfg = cfg.replace(max_concurrent_steps=1)
+    return cfg

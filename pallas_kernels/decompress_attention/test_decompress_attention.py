@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.decompress_attention import api, reference
-from pallas_kernels.decompress_attention.config import Config, choose_absorption, default_config
+from pallas_kernels.decompress_attention.config import (Config, MosaicConfig, choose_absorption, default_config,
+                                                         default_mosaic_config)
 
 # Tolerance on max|got - want| relative to max|want| (and elementwise, see _assert_close), per dtype
 # of the values fed to the dots.
@@ -31,6 +32,7 @@ class Case:
     g: int = 1  # query heads per kv head
     d: int = 64
     latent: int = 48
+    latent_v: int | None = None  # value latent width; None = latent
     hidden: int = 0  # 0: linear decoder
     dtype: str = "float32"  # latent dtype, or "int8"
     q_dtype: str = "float32"
@@ -122,9 +124,10 @@ def make_inputs(case: Case, seed: int):
     h = case.k * case.g
     q = jnp.asarray(rng.standard_normal((case.b, h, case.d)), jnp.float32).astype(case.q_dtype)
     k_dec = _decoder(rng, case.latent, case.hidden, case.k * case.d)
-    v_dec = _decoder(rng, case.latent, case.hidden, case.k * case.d)
+    lv = case.latent_v or case.latent
+    v_dec = _decoder(rng, lv, case.hidden, case.k * case.d)
     zk = rng.standard_normal((case.b, case.s, case.latent)).astype(np.float32)
-    zv = rng.standard_normal((case.b, case.s, case.latent)).astype(np.float32)
+    zv = rng.standard_normal((case.b, case.s, lv)).astype(np.float32)
     lengths = case_lengths(rng, case.b, case.s, case.lengths)
     quant = {}
     if case.dtype == "int8":
@@ -315,7 +318,144 @@ class TritonLoweringTest(unittest.TestCase):
                     self.assertIn("triton", lower_for_cuda(case))
 
 
+# ------------------------------------------------------------------------------------- Mosaic GPU kernel
+MOSAIC_CASES = {
+    # SmolLM2-like K96/V192 latents, default tiling, ragged lengths (S, random, 1); S not a tile multiple.
+    "mosaic_d64_k3_g3_k96_v192_bf16": Case(b=3, s=200, k=3, g=3, latent=96, latent_v=192, dtype="bfloat16",
+                                           q_dtype="bfloat16"),
+    # Three splits, two value blocks, a two-deep pipeline.
+    "mosaic_d64_k1_g4_splits_vblocks_fp16": Case(
+        s=300, k=1, g=4, latent=64, latent_v=128, dtype="float16", q_dtype="float16",
+        config=MosaicConfig(num_splits=3, block_v=64, max_concurrent_steps=2)),
+    # p through shared memory (the interpreter's path) when compiled too.
+    "mosaic_d64_k3_g3_p_smem_bf16": Case(s=96, k=3, g=3, latent=96, dtype="bfloat16", q_dtype="bfloat16",
+                                         config=MosaicConfig(num_splits=2, p_in_registers=False)),
+    # One slot.
+    "mosaic_s1_bf16": Case(b=2, s=1, latent=32, dtype="bfloat16", q_dtype="bfloat16"),
+    # head_dim 128, 64 query heads (a full wgmma tile of rows), 128-slot tiles, float32 queries.
+    "mosaic_d128_k8_g8_bf16": Case(s=130, k=8, g=8, d=128, latent=128, dtype="bfloat16",
+                                   config=MosaicConfig(block_s=128, num_splits=2)),
+    # Larger caches: many tiles per split, default config; compiled runs only.
+    "gpu_mosaic_long_k96_v96_bf16": Case(b=4, s=5000, k=3, g=3, latent=96, dtype="bfloat16", q_dtype="bfloat16",
+                                         gpu_only=True),
+    "gpu_mosaic_d128_k8_g4_k224_bf16": Case(b=2, s=3001, k=8, g=4, d=128, latent=224, dtype="bfloat16",
+                                            q_dtype="bfloat16", gpu_only=True),
+}
+
+
+def _mosaic_interpreter():
+    from pallas_kernels.decompress_attention import pallas_mosaic
+    return pallas_mosaic.interpret_params()
+
+
+class MosaicTestBase:
+    """The Mosaic GPU kernel against the reference; subclasses set INTERPRET."""
+
+    INTERPRET: bool = True
+
+    def _run_case(self, name: str, case: Case, garbage: bool = False):
+        if case.gpu_only and self.INTERPRET:
+            self.skipTest("long case: compiled runs only")
+        q, zk, zv, lengths, k_dec, v_dec, _ = make_inputs(case, _seed(name))
+        want = _reference(q, zk, zv, lengths, k_dec, v_dec)
+        if garbage:  # slots past the length hold huge values: they must not matter
+            past = jnp.arange(case.s)[None, :, None] >= lengths[:, None, None]
+            zk, zv = jnp.where(past, 3e4, zk).astype(zk.dtype), jnp.where(past, -3e4, zv).astype(zv.dtype)
+        got = api.decompress_attend(q, zk, zv, lengths, k_dec, v_dec, implementation="mosaic", config=case.config,
+                                    interpret=self.INTERPRET)
+        self.assertEqual(got.dtype, q.dtype)
+        _assert_close(got, want, _tolerance(case), name)
+
+    def test_lengths_mask_garbage(self):
+        name = "mosaic_d64_k1_g4_splits_vblocks_fp16"
+        self._run_case(name, dataclasses.replace(MOSAIC_CASES[name], lengths=(300, 70)), garbage=True)
+
+    def test_refuses_what_it_does_not_cover(self):
+        q, zk, zv, lengths, k_dec, v_dec, quant = make_inputs(CASES["d64_k3_g3_linear_latent_int8"], 0)
+        with self.assertRaisesRegex(ValueError, "bf16/fp16 latents, k_lat is int8"):
+            api.decompress_attend(q, zk, zv, lengths, k_dec, v_dec, **quant, implementation="mosaic")
+        q, zk, zv, lengths, k_dec, v_dec, _ = make_inputs(CASES["d64_k1_g4_mlp_fp16"], 0)
+        with self.assertRaisesRegex(ValueError, "linear decoders"):
+            api.decompress_attend(q, zk, zv, lengths, k_dec, v_dec, implementation="mosaic")
+        q, zk, zv, lengths, k_dec, v_dec, _ = make_inputs(CASES["d128_k1_g4_linear_prerope_bf16"], 0)
+        with self.assertRaisesRegex(ValueError, "pre_rope"):
+            api.decompress_attend(q, zk, zv, lengths, k_dec, v_dec, pre_rope=True, implementation="mosaic")
+        q, zk, zv, lengths, k_dec, v_dec, _ = make_inputs(MOSAIC_CASES["mosaic_s1_bf16"], 0)
+        with self.assertRaisesRegex(ValueError, "takes a MosaicConfig"):
+            api.decompress_attend(q, zk, zv, lengths, k_dec, v_dec, implementation="mosaic", config=Config())
+        wide = Case(b=1, s=8, k=1, g=1, latent=1024, dtype="bfloat16", q_dtype="bfloat16")
+        q, zk, zv, lengths, k_dec, v_dec, _ = make_inputs(wide, 0)
+        with self.assertRaisesRegex(ValueError, "shared memory"):
+            api.decompress_attend(q, zk, zv, lengths, k_dec, v_dec, implementation="mosaic",
+                                  config=MosaicConfig(block_v=256), interpret=self.INTERPRET)
+
+
+_add_case_tests(MosaicTestBase, MOSAIC_CASES)
+
+
+class MosaicInterpretTest(MosaicTestBase, unittest.TestCase):
+    INTERPRET = True
+
+    @classmethod
+    def setUpClass(cls):
+        if _mosaic_interpreter() is None:
+            raise unittest.SkipTest("this jax has no Mosaic GPU interpreter (jax._src.pallas.mosaic_gpu.interpret)")
+
+
+class MosaicGpuTest(MosaicTestBase, unittest.TestCase):
+    INTERPRET = False
+
+    @classmethod
+    def setUpClass(cls):
+        if not api.on_gpu():
+            raise unittest.SkipTest("needs a GPU")
+
+
+class MosaicLoweringTest(unittest.TestCase):
+    """CPU-only guard for the compiled Mosaic path: each case, and the benchmark's SmolLM2 layer, lower through
+    Pallas's Mosaic GPU lowering (layouts, wgmma and TMA shapes) to a Mosaic GPU custom call."""
+
+    def _lower(self, case: Case) -> str:
+        from jax import export
+
+        sds = jax.ShapeDtypeStruct
+        lv = case.latent_v or case.latent
+        args = (sds((case.b, case.k * case.g, case.d), case.q_dtype), sds((case.b, case.s, case.latent), case.dtype),
+                sds((case.b, case.s, lv), case.dtype), sds((case.b,), jnp.int32),
+                [{"w": sds((case.latent, case.k * case.d), jnp.float32), "b": sds((case.k * case.d,), jnp.float32)}],
+                [{"w": sds((lv, case.k * case.d), jnp.float32), "b": sds((case.k * case.d,), jnp.float32)}])
+
+        def f(q, zk, zv, lengths, k_dec, v_dec):
+            return api.decompress_attend(q, zk, zv, lengths, k_dec, v_dec, implementation="mosaic",
+                                         config=case.config, interpret=False)
+
+        return export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+
+    def test_cases_lower(self):
+        cases = dict(MOSAIC_CASES, bench_smollm2=Case(b=8, s=4096, k=3, g=3, latent=96, dtype="bfloat16",
+                                                      q_dtype="bfloat16"))
+        for name, case in cases.items():
+            with self.subTest(name):
+                self.assertIn("mosaic_gpu", self._lower(case))
+
+
 class ConfigTest(unittest.TestCase):
+    def test_mosaic_config(self):
+        for bad in (dict(block_s=32), dict(num_splits=0), dict(max_concurrent_steps=0), dict(block_v=48),
+                    dict(block_v=512)):
+            with self.assertRaises(ValueError, msg=str(bad)):
+                MosaicConfig(**bad)
+        with self.assertRaisesRegex(ValueError, "must divide the value latent width 96"):
+            MosaicConfig(block_v=64).check(latent_k=96, latent_v=96)
+        small, big = default_mosaic_config(1, 4096, latent_k=96, latent_v=96), default_mosaic_config(
+            128, 4096, latent_k=96, latent_v=96)
+        self.assertGreater(small.num_splits, big.num_splits)  # few sequences: split S to fill the GPU
+        self.assertEqual(small.block_v, 96)
+        wide = default_mosaic_config(8, 4096, latent_k=224, latent_v=224)
+        self.assertLessEqual(wide.smem_bytes(latent_k=224, latent_v=224), 227 * 1024)  # shallower, but fits
+        self.assertEqual(default_mosaic_config(8, 4096, latent_k=96, latent_v=384).block_v, 192)
+
+
     def test_validates(self):
         for bad in (dict(block_s=24), dict(block_s=8), dict(num_splits=0), dict(num_warps=3),
                     dict(block_l=48), dict(kv_heads_per_program=0)):
