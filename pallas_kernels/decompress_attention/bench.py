@@ -483,6 +483,33 @@ def sweep(layer_name, b, s, out_dir=None, methods=None):
     return rows
 
 
+_NOT_LAUNCHED = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+
+
+def launches(method: str, layer_name: str, b: int, s: int) -> list[str]:
+    """The device work one call of ``method`` compiles to: the opcodes (fusion, custom-call, ...) of the
+    optimized entry computation, one per kernel launch; what each fusion is named after is kept."""
+    import re
+
+    layer = LAYERS[layer_name]
+    kind, variant, op = make_op(method)
+    st = make_sets(kind, layer, b, s, 1)[0]
+    width = layer.kv_heads * layer.head_dim
+    key = jax.random.PRNGKey(7)
+    w = {"k": _decoder(key, layer.latent, layer.hidden if variant == "mlp" else 0, width),
+         "v": _decoder(key, layer.latent, layer.hidden if variant == "mlp" else 0, width)} if variant else {}
+    text = jax.jit(op).lower(st, w).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    entry = entry[: entry.index("\n}")]
+    ops = []
+    for line in entry.splitlines()[1:]:
+        m = re.search(r"\s([a-z][a-z0-9-]*)\(%", line)  # the opcode, followed by its operands
+        if m and m.group(1) not in _NOT_LAUNCHED:
+            name = re.search(r"calls=%?([\w.-]+)|custom_call_target=\"([^\"]+)\"", line)
+            ops.append(m.group(1) + (f":{name.group(1) or name.group(2)}" if name else ""))
+    return ops
+
+
 def check() -> bool:
     """Runs the compiled test suites (Triton and Mosaic GPU kernels) and prints pass/fail per test."""
     import unittest
@@ -523,6 +550,8 @@ def main(argv=None):
     p.add_argument("--time-budget-s", type=float, default=None, help="stop starting new measurements after this")
     p.add_argument("--sweep-shape", default="smollm2,128,4096;llama7b,8,4096",
                    help="layer,B,S[;layer,B,S...] of --sweep")
+    p.add_argument("--launches", default=None, metavar="LAYER,B,S",
+                   help="print the kernels one call of each of --methods compiles to, at that shape")
     a = p.parse_args(argv)
     a.methods_given = a.methods is not None
     a.methods = a.methods or ",".join(DEFAULT_METHODS)
@@ -530,6 +559,12 @@ def main(argv=None):
         ok = check()
         if not (a.sweep or a.out):
             sys.exit(0 if ok else 1)
+    if a.launches:
+        name, b, s = a.launches.split(",")
+        for m in (a.methods or ",".join(DEFAULT_METHODS)).split(","):
+            ops = launches(m, name, int(b), int(s))
+            print(f"{m}: {len(ops)} launches: {' '.join(ops)}")
+        return
     if a.sweep:
         for shape in a.sweep_shape.split(";"):
             name, b, s = shape.split(",")

@@ -103,14 +103,24 @@ def _mma_into(plgpu, acc, a, b, interpret: bool):
     return pl.run_state(into)(plgpu.ACC.init(acc))
 
 
+def _head_kv(n_heads: int, kvh: int, rows: int):
+    """[rows, K] bool: row h is query head h and belongs to kv head h // G (rows past H belong to none)."""
+    return (jnp.arange(rows) // (n_heads // kvh))[:, None] == jnp.arange(kvh)[None, :]
+
+
 def absorb_queries(q, w_k, dtype):
-    """W_k,h q_h / sqrt(D) for every query head h, in ``dtype``: q [B, H, D], w_k [Lk, K*D] -> [B, 64, Lk]
-    (rows past H are zero)."""
+    """W_k,h q_h / sqrt(D) for every query head h (operands in ``dtype``, accumulated in float32, returned in
+    ``dtype``): q [B, H, D], w_k [Lk, K*D] -> [B, 64, Lk] (rows past H are zero).
+
+    One plain matrix product, no batch dimension (a batched einsum over kv heads compiled to a transpose, a
+    product and a pad): each head's scaled query sits in its kv head's D columns of a [64, K*D] row block."""
     bsz, n_heads, d = q.shape
     lk, kvh = w_k.shape[0], w_k.shape[1] // d
-    qf = q.astype(jnp.float32).reshape(bsz, kvh, n_heads // kvh, d) * (1.0 / math.sqrt(d))
-    q_abs = jnp.einsum("bkgd,lkd->bkgl", qf, w_k.astype(jnp.float32).reshape(lk, kvh, d), precision="highest")
-    return jnp.pad(q_abs.reshape(bsz, n_heads, lk), ((0, 0), (0, ROWS - n_heads), (0, 0))).astype(dtype)
+    qs = jnp.pad(q.astype(jnp.float32) * (1.0 / math.sqrt(d)), ((0, 0), (0, ROWS - n_heads), (0, 0)))
+    q_bd = jnp.where(_head_kv(n_heads, kvh, ROWS)[None, :, :, None], qs[:, :, None, :], 0.0).astype(dtype)
+    q_abs = lax.dot_general(q_bd.reshape(bsz * ROWS, kvh * d), w_k.astype(dtype), (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return q_abs.reshape(bsz, ROWS, lk).astype(dtype)
 
 
 def output_rows(n_heads: int) -> int:
@@ -256,9 +266,12 @@ def latent_attention(q_abs, k_lat, v_lat, lengths, *, n_heads: int, config: Mosa
     )(q_abs, k_in, v_lat, lengths.astype(jnp.int32))
 
 
-def finish(o, ml, v_dec, *, n_heads: int, head_dim: int):
+def finish(o, ml, v_dec, *, n_heads: int, head_dim: int, dtype):
     """Merges the splits of ``latent_attention`` by log-sum-exp and decodes the weighted value latents once
-    per query head: -> [B, H, D] float32."""
+    per query head (operands in ``dtype``, the latents' dtype, accumulated in float32): -> [B, H, D] float32.
+
+    The value decoder runs as one plain product over all K*D outputs, of which each head keeps its kv head's
+    D columns (as in ``absorb_queries``: no batched einsum, so no transposes around it)."""
     from pallas_kernels.decompress_attention.pallas_triton import combine_splits
 
     bsz, _, n_vblocks, rows_out, bv = o.shape
@@ -267,11 +280,11 @@ def finish(o, ml, v_dec, *, n_heads: int, head_dim: int):
     m, l = (jnp.broadcast_to(ml[:, None, :, 0, i, :rows_out], (bsz, n_vblocks) + ml.shape[1:2] + (rows_out,))
             for i in (0, 1))  # [B, NV, NS, RO]: every value block computed the same statistics
     out = combine_splits(jnp.transpose(o, (0, 2, 1, 3, 4)), m, l)  # [B, NV, RO, bv]
-    out = jnp.transpose(out, (0, 2, 1, 3)).reshape(bsz, rows_out, lv)[:, :n_heads]
-    w_v = v_dec[0]["w"].astype(jnp.float32).reshape(lv, kvh, head_dim)
-    out = jnp.einsum("bkgl,lkd->bkgd", out.reshape(bsz, kvh, n_heads // kvh, lv), w_v, precision="highest")
-    out = out + v_dec[0]["b"].astype(jnp.float32).reshape(kvh, head_dim)[None, :, None, :]
-    return out.reshape(bsz, n_heads, head_dim)
+    out = jnp.transpose(out, (0, 2, 1, 3)).reshape(bsz * rows_out, lv).astype(dtype)
+    full = jnp.dot(out, v_dec[0]["w"].astype(dtype), preferred_element_type=jnp.float32)
+    full = full.reshape(bsz, rows_out, kvh, head_dim) + v_dec[0]["b"].astype(jnp.float32).reshape(kvh, head_dim)
+    mine = _head_kv(n_heads, kvh, rows_out)[None, :, :, None]
+    return jnp.where(mine, full, 0.0).sum(axis=2)[:, :n_heads]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -292,4 +305,4 @@ def decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, *, config: MosaicC
         raise ValueError(f"decoder width {k_dec[0]['w'].shape[1]} is not K*D with K dividing H={n_heads}")
     q_abs = absorb_queries(q, k_dec[0]["w"], k_lat.dtype)
     o, ml = latent_attention(q_abs, k_lat, v_lat, lengths, n_heads=n_heads, config=config, interpret=interpret)
-    return finish(o, ml, v_dec, n_heads=n_heads, head_dim=d).astype(q.dtype)
+    return finish(o, ml, v_dec, n_heads=n_heads, head_dim=d, dtype=k_lat.dtype).astype(q.dtype)
