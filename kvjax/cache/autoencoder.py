@@ -42,14 +42,14 @@ class Autoencoder(CacheMethod):
     pre_rope: bool = True
     dtype: str = "float32"
     latent_v: int = 0
-    kernel: str = "auto"  # decode attention: "auto" (fused Pallas kernel on GPU), "pallas", or "xla"
+    kernel: str = "auto"  # decode attention: "auto" (fused Pallas kernel on GPU), "pallas" (Triton), "mosaic", "xla"
     latent_group: int = 0
 
     def __post_init__(self):
         if self.latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"autoencoder latent_dtype={self.latent_dtype!r}; choose from {LATENT_DTYPES[1:]}")
-        if self.kernel not in ("auto", "pallas", "xla"):
-            raise ValueError(f"autoencoder kernel={self.kernel!r}; choose auto, pallas or xla")
+        if self.kernel not in ("auto", "pallas", "mosaic", "xla"):
+            raise ValueError(f"autoencoder kernel={self.kernel!r}; choose auto, pallas, mosaic or xla")
         if self.latent_group < 0 or (self.latent_group and self.latent_dtype not in PACKED_BITS):
             raise ValueError(f"autoencoder latent_group={self.latent_group} applies to latent_dtype int4 or int2 "
                              f"only and must be >= 0")
@@ -190,7 +190,7 @@ class Autoencoder(CacheMethod):
         if self.kernel == "auto":
             import jax
             return jax.default_backend() == "gpu"
-        return self.kernel == "pallas"
+        return self.kernel in ("pallas", "mosaic")
 
     def attend(self, params, cfg, cache, layer, q, positions):
         """Decode steps (one new token) of compressed layers go through the fused decompress-and-attend
@@ -202,9 +202,10 @@ class Autoencoder(CacheMethod):
 
     def attend_latents(self, cfg, state, p, q, positions):
         """One decode step of q: [B, 1, H, D] over the latents in ``state`` (a compressed layer's state),
-        decoded by the coders ``p`` (one layer's), through the fused kernel (``kernel="auto"``: or, for wide
-        linear latents with keys stored after RoPE, attention in latent space in XLA, which is faster there;
-        see ``pallas_kernels.decompress_attention.api``). Returns [B, 1, H, D]."""
+        decoded by the coders ``p`` (one layer's), through a fused kernel. ``kernel="auto"`` takes the measured
+        default of ``pallas_kernels.decompress_attention.api``: for linear decoders with keys stored after
+        RoPE, the Mosaic GPU kernel on narrow bf16/fp16 latents and attention in latent space in XLA on wide
+        ones; the Triton kernel otherwise. Returns [B, 1, H, D]."""
         from pallas_kernels.decompress_attention.api import decompress_attend
 
         quant = {}
@@ -213,7 +214,7 @@ class Autoencoder(CacheMethod):
                      "v_scale": state["v_scale"], "v_min": state["v_min"]}
         out = decompress_attend(q[:, 0], state["k"], state["v"], positions[:, 0] + 1, p["k_dec"], p["v_dec"],
                                 pre_rope=self.pre_rope and cfg.uses_rope, rope_theta=cfg.rope_theta,
-                                implementation=None if self.kernel == "auto" else "pallas", **quant)
+                                implementation=None if self.kernel == "auto" else self.kernel, **quant)
         return out[:, None].astype(q.dtype)
 
     def decode(self, cfg, p, zk, zv):

@@ -9,11 +9,13 @@ implementation:
   "mosaic"        linear decoders, keys stored after RoPE, bf16/fp16 latents of at most ~224 columns: the
                   Pallas Mosaic GPU (Hopper) kernel, TMA-pipelined, wgmma in latent space
                   (``pallas_mosaic``; interpreted by jax's Mosaic GPU interpreter when not on a GPU).
-  None            on a GPU, "xla_absorbed" where it applies and the latents are wide (K + V latent
-                  >= ABSORB_MIN_WIDTH), else "pallas"; "xla" elsewhere. The threshold is measured
-                  (results/kernels/sweep-2026-11-25, H100): at Llama-7B shape (latents 2048 + 2048) the
-                  absorbed XLA path is 1.6-3.9x faster than the fused kernel, at SmolLM2 shape (96 + 96)
-                  the kernel took 3-27% less time in 14 of 16 cells.
+  None            on a GPU: "xla_absorbed" where it applies and the latents are wide (K + V latent
+                  >= ABSORB_MIN_WIDTH); else "mosaic" where that kernel covers the call; else "pallas".
+                  "xla" elsewhere. Measured on the H100: at Llama-7B shape (latents 2048 + 2048) the
+                  absorbed XLA path is 1.6-3.9x faster than the Triton kernel (results/kernels/sweep-2026-11-25;
+                  the Mosaic kernel cannot hold latents that wide); at SmolLM2 shape (96 + 96) the Mosaic kernel
+                  took less time than the Triton kernel in 14 of 16 cells, 3-38% less below B=128, and 1-5%
+                  more at B=128 x 16k-32k (results/kernels/mosaic-2026-11-25).
 """
 
 from __future__ import annotations
@@ -44,12 +46,15 @@ def absorbable(k_dec, v_dec, pre_rope: bool) -> bool:
     return len(k_dec) == 1 and len(v_dec) == 1 and not pre_rope
 
 
-def choose_implementation(k_dec, v_dec, pre_rope: bool, latent_width: int, gpu: bool) -> str:
-    """What ``implementation=None`` runs for decoders ``k_dec``/``v_dec`` and K + V latent width
-    ``latent_width`` (see the module docstring)."""
+def choose_implementation(k_dec, v_dec, pre_rope: bool, latent_width: int, gpu: bool,
+                          mosaic_covers: bool = False) -> str:
+    """What ``implementation=None`` runs for decoders ``k_dec``/``v_dec``, K + V latent width ``latent_width``
+    and whether the Mosaic kernel covers the call (see the module docstring)."""
     if not gpu:
         return "xla"
-    return "xla_absorbed" if absorbable(k_dec, v_dec, pre_rope) and latent_width >= ABSORB_MIN_WIDTH else "pallas"
+    if absorbable(k_dec, v_dec, pre_rope) and latent_width >= ABSORB_MIN_WIDTH:
+        return "xla_absorbed"
+    return "mosaic" if mosaic_covers else "pallas"
 
 
 def _resolve(implementation, interpret, choices=("xla", "pallas")):
@@ -173,7 +178,13 @@ def decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_scale=None, k
     ``interpret`` (Pallas) defaults to True off GPU.
     """
     if implementation is None:
-        implementation = choose_implementation(k_dec, v_dec, pre_rope, k_lat.shape[-1] + v_lat.shape[-1], on_gpu())
+        gpu = on_gpu()
+        covers = False
+        if gpu:
+            from pallas_kernels.decompress_attention import pallas_mosaic
+            covers = pallas_mosaic.supported(q, k_lat, v_lat, k_dec, v_dec, pre_rope) is None
+        implementation = choose_implementation(k_dec, v_dec, pre_rope, k_lat.shape[-1] + v_lat.shape[-1], gpu,
+                                               mosaic_covers=covers)
     implementation, interpret = _resolve(implementation, interpret, ("xla", "xla_absorbed", "pallas", "mosaic"))
     quant = dict(k_scale=k_scale, k_min=k_min, v_scale=v_scale, v_min=v_min)
     for side, lat in (("k", k_lat), ("v", v_lat)):

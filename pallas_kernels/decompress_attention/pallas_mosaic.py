@@ -71,6 +71,11 @@ def supported(q, k_lat, v_lat, k_dec, v_dec, pre_rope: bool) -> str | None:
         return f"k_lat ({k_lat.dtype}) and v_lat ({v_lat.dtype}) must share a dtype"
     if q.shape[1] > ROWS:
         return f"the Mosaic GPU kernel holds at most {ROWS} query heads, q has {q.shape[1]}"
+    cfg = default_mosaic_config(k_lat.shape[0], k_lat.shape[1], latent_k=k_lat.shape[2], latent_v=v_lat.shape[2])
+    try:
+        cfg.check(latent_k=k_lat.shape[2], latent_v=v_lat.shape[2], itemsize=jnp.dtype(k_lat.dtype).itemsize)
+    except ValueError as e:
+        return str(e)
     return None
 
 

@@ -204,7 +204,9 @@ class DecompressAttentionTestBase:
         lin, mlp = [{"w": 0}], [{"w": 0}, {"w": 0}]
         choose = api.choose_implementation
         self.assertEqual(choose(lin, lin, False, 4096, gpu=True), "xla_absorbed")  # Llama-7B-like latents
-        self.assertEqual(choose(lin, lin, False, 192, gpu=True), "pallas")  # SmolLM2-like latents
+        self.assertEqual(choose(lin, lin, False, 192, gpu=True), "pallas")  # SmolLM2-like latents, int8
+        self.assertEqual(choose(lin, lin, False, 192, gpu=True, mosaic_covers=True), "mosaic")  # ... bf16
+        self.assertEqual(choose(lin, lin, False, 4096, gpu=True, mosaic_covers=True), "xla_absorbed")
         self.assertEqual(choose(lin, lin, True, 4096, gpu=True), "pallas")  # keys stored before RoPE
         self.assertEqual(choose(mlp, mlp, False, 4096, gpu=True), "pallas")  # nonlinear decoders
         self.assertEqual(choose(lin, lin, False, 4096, gpu=False), "xla")
