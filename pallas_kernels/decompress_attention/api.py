@@ -14,8 +14,8 @@ implementation:
                   "xla" elsewhere. Measured on the H100: at Llama-7B shape (latents 2048 + 2048) the
                   absorbed XLA path is 1.6-3.9x faster than the Triton kernel (results/kernels/sweep-2026-11-25;
                   the Mosaic kernel cannot hold latents that wide); at SmolLM2 shape (96 + 96) the Mosaic kernel
-                  took less time than the Triton kernel in 14 of 16 cells, 3-38% less below B=128, and 1-5%
-                  more at B=128 x 16k-32k (results/kernels/mosaic-2026-11-25).
+                  took less time than the Triton kernel in 14 of 16 cells (2-38% less below B=128; at B=128
+                  12% / 3% less at 1k / 4k, 5% / 1% more at 16k / 32k; results/kernels/mosaic-2026-11-25).
 """
 
 from __future__ import annotations

@@ -416,6 +416,45 @@ def _write(out_dir, meta, results, final=True, stem="decompress_attention"):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     (out / f"{stem}.md").write_text(markdown(meta, results))
+    if final and any("time_us" in r for r in results) and not stem.startswith("sweep"):
+        plot(meta, results, out / f"{stem}.png")
+
+
+def plot(meta, results, path, methods=None):
+    """PNG: per layer, each method's speed-up over dense XLA (top) and fraction of its roofline (bottom)
+    for every measured (B, S) cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({r["layer"] for r in results})
+    fig, axes = plt.subplots(2, len(layers), figsize=(7.5 * len(layers), 7), squeeze=False)
+    for col, layer in enumerate(layers):
+        rows = [r for r in results if r["layer"] == layer and "time_us" in r]
+        cells = sorted({(r["S"], r["B"]) for r in rows})
+        names = [m for m in (methods or dict.fromkeys(r["method"] for r in rows)) if m != "dense_xla"]
+        x = np.arange(len(cells))
+        width = 0.8 / max(1, len(names))
+        for i, m in enumerate(names):
+            by_cell = {(r["S"], r["B"]): r for r in rows if r["method"] == m}
+            speed = [(_dense_time(results, by_cell[c]) or np.nan) / by_cell[c]["time_us"] if c in by_cell else np.nan
+                     for c in cells]
+            frac = [by_cell[c]["fraction"] * 100 if c in by_cell else np.nan for c in cells]
+            axes[0, col].bar(x + i * width, speed, width, label=m)
+            axes[1, col].bar(x + i * width, frac, width, label=m)
+        labels = [f"B{b}\nS{s // 1024}k" for s, b in cells]
+        for ax, ylabel in ((axes[0, col], "speed-up over dense XLA"), (axes[1, col], "% of own roofline")):
+            ax.set_xticks(x + 0.4 - width / 2, labels, fontsize=7)
+            ax.set_ylabel(ylabel)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0, col].axhline(1.0, color="k", lw=0.8)
+        axes[1, col].axhline(70, color="k", lw=0.8, ls="--")
+        axes[0, col].set_title(f"{layer}: one decode-attention layer, bf16")
+        axes[0, col].legend(fontsize=8)
+    fig.suptitle(f"{meta['device']}, jax {meta['jax']}, {meta['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------- sweep, check
@@ -550,6 +589,7 @@ def main(argv=None):
     p.add_argument("--time-budget-s", type=float, default=None, help="stop starting new measurements after this")
     p.add_argument("--sweep-shape", default="smollm2,128,4096;llama7b,8,4096",
                    help="layer,B,S[;layer,B,S...] of --sweep")
+    p.add_argument("--plot", default=None, metavar="JSON", help="redraw the PNG beside a results JSON and exit")
     p.add_argument("--launches", default=None, metavar="LAYER,B,S",
                    help="print the kernels one call of each of --methods compiles to, at that shape")
     a = p.parse_args(argv)
@@ -559,6 +599,10 @@ def main(argv=None):
         ok = check()
         if not (a.sweep or a.out):
             sys.exit(0 if ok else 1)
+    if a.plot:
+        data = json.loads(pathlib.Path(a.plot).read_text())
+        plot(data["meta"], data["results"], pathlib.Path(a.plot).with_suffix(".png"))
+        return
     if a.launches:
         name, b, s = a.launches.split(",")
         for m in (a.methods or ",".join(DEFAULT_METHODS)).split(","):
