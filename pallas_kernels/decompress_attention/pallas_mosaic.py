@@ -18,9 +18,13 @@ merges the splits. Tiles past a sequence's length are clamped to its last tile i
 map, so a ragged batch re-reads one tile (from L2) instead of streaming padding from HBM, and the slot mask
 (computed from the unclamped index) gives them weight 0.
 
-Interpret mode on CPU runs the same kernel through jax's Mosaic GPU interpreter
+Interpret mode on CPU runs the kernel through jax's Mosaic GPU interpreter
 (``jax._src.pallas.mosaic_gpu.interpret``, jax >= 0.10), which simulates shared memory, TMA copies,
-barriers and wgmma: that is how CI tests it.
+barriers and wgmma: that is how CI tests it. The interpreter forces three differences, each the same
+function: the keys are handed over transposed (its wgmma takes no transposed operand), p is staged in
+shared memory (its wgmma reads refs only), and products land in a fresh accumulator that is then added
+(it has no ``run_state``). CI also lowers the compiled kernel for CUDA (``MosaicLoweringTest``), which checks
+its layouts, swizzles and TMA shapes without a GPU.
 """
 
 from __future__ import annotations
