@@ -280,7 +280,7 @@ def markdown(results: dict, tasks: list[dict]) -> str:
             lines += ["| method | library | KV bytes/token | KV saved | ppl | tokens scored |",
                       "|---|---|---:|---:|---:|---:|"]
             for r in rows:
-                lines.append(f"| {r.get('label')} | {r.get('library')} | {_fmt(r.get('kv_bytes_per_token'))} | "
+                lines.append(f"| {r.get('label')} | {r.get('library')} | {_fmt(r.get('kv_bytes_per_token'), '.1f')} | "
                              f"{_pct(r.get('kv_saved'))} | {_fmt(r.get('ppl'))} | {_fmt(r.get('tokens'))} |"
                              + (f" error: {r['error']}" if "error" in r else ""))
         elif kind == "zeroshot":
