@@ -204,10 +204,9 @@ def decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, *, k_scale=None, k
         raise ValueError(f"config={config!r} does not fit implementation={implementation!r}"
                          + (f" (it takes a {want.__name__})" if want else " (it takes none)"))
     if implementation == "mosaic":
+        if pre_rope:  # the kernel's own checks cover the rest; it takes no pre_rope argument
+            raise ValueError("implementation='mosaic' needs keys stored after RoPE (pre_rope=True)")
         from pallas_kernels.decompress_attention import pallas_mosaic
-        why = pallas_mosaic.supported(q, k_lat, v_lat, k_dec, v_dec, pre_rope)
-        if why:
-            raise ValueError(f"implementation='mosaic': {why}")
         return pallas_mosaic.decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, config=config,
                                                interpret=interpret)
     from pallas_kernels.decompress_attention import pallas_triton

@@ -60,8 +60,9 @@ def interpret_params():
     return InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
 
 
-def supported(q, k_lat, v_lat, k_dec, v_dec, pre_rope: bool) -> str | None:
-    """None if this kernel covers the call, else why not (a sentence naming the tensor or flag)."""
+def supported(q, k_lat, v_lat, k_dec, v_dec, pre_rope: bool, config: MosaicConfig | None = None) -> str | None:
+    """None if this kernel covers the call with ``config`` (None: the default tiling), else why not (a
+    sentence naming the tensor, flag or tiling)."""
     if len(k_dec) != 1 or len(v_dec) != 1:
         return f"the Mosaic GPU kernel needs linear decoders (got {len(k_dec)}/{len(v_dec)} layers)"
     if pre_rope:
@@ -75,7 +76,8 @@ def supported(q, k_lat, v_lat, k_dec, v_dec, pre_rope: bool) -> str | None:
         return f"k_lat ({k_lat.dtype}) and v_lat ({v_lat.dtype}) must share a dtype"
     if q.shape[1] > ROWS:
         return f"the Mosaic GPU kernel holds at most {ROWS} query heads, q has {q.shape[1]}"
-    cfg = default_mosaic_config(k_lat.shape[0], k_lat.shape[1], latent_k=k_lat.shape[2], latent_v=v_lat.shape[2])
+    cfg = config or default_mosaic_config(k_lat.shape[0], k_lat.shape[1], latent_k=k_lat.shape[2],
+                                          latent_v=v_lat.shape[2])
     try:
         cfg.check(latent_k=k_lat.shape[2], latent_v=v_lat.shape[2], itemsize=jnp.dtype(k_lat.dtype).itemsize)
     except ValueError as e:
@@ -305,7 +307,7 @@ def decompress_attend(q, k_lat, v_lat, lengths, k_dec, v_dec, *, config: MosaicC
     q: [B, H, D]; k_lat: [B, S, Lk], v_lat: [B, S, Lv] (bf16/fp16); lengths: [B] int32 (>= 1);
     k_dec, v_dec: ``[{"w": [L, K*D], "b": [K*D]}]``. Returns [B, H, D] in q.dtype.
     """
-    why = supported(q, k_lat, v_lat, k_dec, v_dec, pre_rope=False)
+    why = supported(q, k_lat, v_lat, k_dec, v_dec, pre_rope=False, config=config)
     if why:
         raise ValueError(why)
     n_heads, d = q.shape[1:]
