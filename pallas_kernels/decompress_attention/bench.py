@@ -201,6 +201,14 @@ def _decoder(key, n_in, hidden, width):
              "b": 0.1 * jax.random.normal(k4, (width,))}]
 
 
+def layer_weights(layer: Layer) -> dict:
+    """The benchmark's decoders of ``layer``, by variant: {"mlp" | "linear": {"k": [...], "v": [...]}}."""
+    kk, kv = jax.random.split(jax.random.PRNGKey(7))
+    width = layer.kv_heads * layer.head_dim
+    return {variant: {"k": _decoder(kk, layer.latent, hidden, width), "v": _decoder(kv, layer.latent, hidden, width)}
+            for variant, hidden in (("mlp", layer.hidden), ("linear", 0))}
+
+
 def make_sets(kind: str, layer: Layer, b: int, s: int, n_sets: int, seed: int = 0):
     """n_sets independent input sets: "dense" (q, k, v, lengths) or "latent" (q, k_lat, v_lat, lengths)."""
     sets = []
@@ -315,14 +323,7 @@ def bench(layers, batches, seqs, methods, *, out_dir=None, max_call_s=0.25, rota
         layer = LAYERS[layer_name]
         for s in seqs:
             for b in batches:
-                weights = {}
-                key = jax.random.PRNGKey(7)
-                kk, kv = jax.random.split(key)
-                width = layer.kv_heads * layer.head_dim
-                weights["mlp"] = {"k": _decoder(kk, layer.latent, layer.hidden, width),
-                                  "v": _decoder(kv, layer.latent, layer.hidden, width)}
-                weights["linear"] = {"k": _decoder(kk, layer.latent, 0, width),
-                                     "v": _decoder(kv, layer.latent, 0, width)}
+                weights = layer_weights(layer)
                 cached = {}
                 for method in methods:
                     row = dict(layer=layer_name, B=b, S=s, method=method)
@@ -533,10 +534,7 @@ def launches(method: str, layer_name: str, b: int, s: int) -> list[str]:
     layer = LAYERS[layer_name]
     kind, variant, op = make_op(method)
     st = make_sets(kind, layer, b, s, 1)[0]
-    width = layer.kv_heads * layer.head_dim
-    key = jax.random.PRNGKey(7)
-    w = {"k": _decoder(key, layer.latent, layer.hidden if variant == "mlp" else 0, width),
-         "v": _decoder(key, layer.latent, layer.hidden if variant == "mlp" else 0, width)} if variant else {}
+    w = layer_weights(layer)[variant] if variant else {}
     text = jax.jit(op).lower(st, w).compile().as_text()
     entry = text[text.index("ENTRY"):]
     entry = entry[: entry.index("\n}")]
@@ -593,8 +591,7 @@ def main(argv=None):
     p.add_argument("--launches", default=None, metavar="LAYER,B,S",
                    help="print the kernels one call of each of --methods compiles to, at that shape")
     a = p.parse_args(argv)
-    a.methods_given = a.methods is not None
-    a.methods = a.methods or ",".join(DEFAULT_METHODS)
+    chosen = [m for m in (a.methods or "").split(",") if m]  # empty: each mode's default
     if a.check:
         ok = check()
         if not (a.sweep or a.out):
@@ -605,17 +602,16 @@ def main(argv=None):
         return
     if a.launches:
         name, b, s = a.launches.split(",")
-        for m in (a.methods or ",".join(DEFAULT_METHODS)).split(","):
+        for m in chosen or DEFAULT_METHODS:
             ops = launches(m, name, int(b), int(s))
             print(f"{m}: {len(ops)} launches: {' '.join(ops)}")
         return
     if a.sweep:
         for shape in a.sweep_shape.split(";"):
             name, b, s = shape.split(",")
-            sweep(name, int(b), int(s), a.out, methods=[m for m in a.methods.split(",") if m] if a.methods_given
-                  else None)
+            sweep(name, int(b), int(s), a.out, methods=chosen or None)
         return
-    methods = [m for m in a.methods.split(",") if m]
+    methods = chosen or list(DEFAULT_METHODS)
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         p.error(f"unknown methods {bad}")
