@@ -203,8 +203,9 @@ def default_mosaic_config(batch: int, seq_len: int, *, latent_k: int, latent_v: 
     """A heuristic Mosaic tiling: the value latent in as few <= 256-wide blocks as divide it, 64-slot tiles
     two deep (two programs then fit one SM's shared memory at SmolLM2 widths), and splits of S until about
     one wave of programs covers the machine (>= 4 tiles a split). From the tiling sweep on the H100
-    (results/kernels/mosaic-2026-11-25): pipeline depth 2-4 moved times by under 5%; one wave beat two
-    (B=128 x 4096: 2 splits 109 us, 3 splits 118 us; B=8 x 4096: 8-16 splits 17-19 us, 32 splits 20 us)."""
+    (results/kernels/mosaic-2026-11-25), 64-slot tiles: pipeline depth 2-4 moved times by under 5%; about one
+    wave beat two (B=128 x 4096: 2 splits 109 us, 1 split 112-115 us, 3 splits at depth 4 118 us; B=8 x 4096:
+    8-16 splits 17-19 us, 32 splits 20 us)."""
     block_v = next((w for w in range(min(latent_v, 256), 31, -32) if latent_v % w == 0), latent_v)
     programs = batch * (latent_v // block_v)
     block_s = 64
